@@ -1,0 +1,126 @@
+"""Which parameters get a Kronecker preconditioner, and which go to AdamW.
+
+The rule (``ALGORITHMS.md`` §7), applied leaf by leaf:
+
+1. Size-1 dims are squeezed.
+2. A leaf is preconditioned when what remains has order ≥ 2, every remaining
+   dim is ≤ ``max_precond_dim`` and the user's ``precondition_mask`` (if any)
+   is ``True`` for it.
+3. Everything else — scalars, vectors (biases, norm scales), tensors with a dim
+   larger than ``max_precond_dim``, and leaves the user excluded (embeddings
+   and output heads, typically) — goes to the AdamW fallback.
+
+Non-floating leaves are an error (the message names the leaf).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from kl_optax.compose import check_floating, leaf_path, squeezed_shape
+
+__all__ = [
+    "DEFAULT_MAX_PRECOND_DIM",
+    "KRON",
+    "FALLBACK",
+    "exclude",
+    "kron_labels",
+    "resolve_static_int",
+]
+
+KRON = "kron"
+FALLBACK = "adam"
+DEFAULT_MAX_PRECOND_DIM = 10_000
+
+MaskOrFn = Any  # a pytree of bools (or a prefix of the params tree), or params -> such a tree
+
+
+def resolve_static_int(value: Any, name: str, default: int) -> int:
+  """Returns ``value`` as a Python int, for arguments that decide shapes.
+
+  Raises:
+    TypeError: ``value`` is a traced array (for example an argument turned
+      into state by ``optax.inject_hyperparams``).
+  """
+  if value is None:
+    return default
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{name} decides which tensors are preconditioned and must be a static "
+        f"Python int, got a traced value. With optax.inject_hyperparams, list "
+        f"{name!r} in static_args."
+    )
+  return int(value)
+
+
+def _broadcast_mask(mask: MaskOrFn, params) -> Any:
+  """A bool per leaf of ``params`` from a (prefix) mask tree or a mask function."""
+  tree = mask(params) if callable(mask) else mask
+  return jax.tree.map(
+      lambda m, sub: jax.tree.map(lambda _: bool(m), sub), tree, params
+  )
+
+
+def kron_labels(
+    params,
+    max_precond_dim: int = DEFAULT_MAX_PRECOND_DIM,
+    precondition_mask: MaskOrFn | None = None,
+) -> Any:
+  """Labels each leaf ``'kron'`` (Kronecker preconditioner) or ``'adam'`` (fallback).
+
+  Args:
+    params: the parameter (or update) tree; only shapes and dtypes are read.
+    max_precond_dim: the largest dim a preconditioned tensor may have.
+    precondition_mask: optional pytree of bools with the structure of
+      ``params`` (or a prefix of it), or a function of ``params`` returning one;
+      ``False`` sends a leaf to the fallback whatever its shape.
+
+  Returns:
+    A tree of labels with the structure of ``params``, for ``optax.partition``.
+
+  Example:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> params = {'w': jnp.zeros((8, 4)), 'b': jnp.zeros((4,)),
+    ...           'conv': jnp.zeros((1, 3, 3, 16))}
+    >>> kl_optax.kron_labels(params)
+    {'b': 'adam', 'conv': 'kron', 'w': 'kron'}
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  if precondition_mask is None:
+    allowed = [True] * len(flat)
+  else:
+    allowed = treedef.flatten_up_to(_broadcast_mask(precondition_mask, params))
+  labels = []
+  for (path, leaf), ok in zip(flat, allowed):
+    check_floating(path, leaf, "kron_labels")
+    sq = squeezed_shape(leaf.shape)
+    eligible = ok and len(sq) >= 2 and max(sq) <= max_precond_dim
+    labels.append(KRON if eligible else FALLBACK)
+  return treedef.unflatten(labels)
+
+
+def exclude(*patterns: str) -> Callable[[Any], Any]:
+  """A ``precondition_mask`` that sends leaves whose path matches a pattern to the fallback.
+
+  Each pattern is a regular expression searched in the leaf's path as written
+  by ``jax.tree_util.keystr`` (for Flax NNX parameters, for example,
+  ``"['embed']['embedding'].value"``).
+
+  Example:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> params = {'embed': jnp.zeros((50, 8)), 'mlp': jnp.zeros((8, 8))}
+    >>> kl_optax.kron_labels(params, precondition_mask=kl_optax.exclude('embed'))
+    {'embed': 'adam', 'mlp': 'kron'}
+  """
+  compiled = [re.compile(p) for p in patterns]
+
+  def mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(c.search(leaf_path(path)) for c in compiled), params
+    )
+
+  return mask
