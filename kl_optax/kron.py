@@ -113,6 +113,39 @@ def outer_product(vectors: Sequence[jax.Array]) -> jax.Array:
   return out
 
 
+def _batch_sequentially_on_cpu(fn):
+  """Wraps a one-matrix LAPACK routine so that ``vmap`` of it loops on CPU.
+
+  jaxlib 0.10's CPU LAPACK kernels split a batched call into chunks on XLA's
+  intra-op thread pool and block until the chunks finish. When as many batched
+  calls run at once as the pool has threads (two on a two-core machine — which
+  independent per-shape refreshes easily reach) every pool thread waits and the
+  program deadlocks. Under ``vmap`` this wrapper lowers to a ``lax.map`` over
+  the batch on CPU (one matrix per LAPACK call, which runs inline) and to the
+  ordinary batched routine on every other platform.
+  """
+
+  @jax.custom_batching.custom_vmap
+  def wrapped(x):
+    return fn(x)
+
+  @wrapped.def_vmap
+  def _rule(axis_size, in_batched, x):
+    del axis_size
+    if not in_batched[0]:
+      out = wrapped(x)
+      return out, jax.tree.map(lambda _: False, out)
+    out = jax.lax.platform_dependent(
+        x, cpu=lambda y: jax.lax.map(wrapped, y), default=jax.vmap(fn))
+    return out, jax.tree.map(lambda _: True, out)
+
+  return wrapped
+
+
+_eigh = _batch_sequentially_on_cpu(jnp.linalg.eigh)
+_qr_orthonormal = _batch_sequentially_on_cpu(lambda x: jnp.linalg.qr(x)[0])
+
+
 def eigh_descending(s: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Eigendecomposition of a symmetric matrix, eigenvalues in descending order.
 
@@ -125,7 +158,7 @@ def eigh_descending(s: jax.Array) -> tuple[jax.Array, jax.Array]:
   dtype = jnp.promote_types(s.dtype, jnp.float32)
   s = s.astype(dtype)
   s = 0.5 * (s + s.T)
-  w, v = jnp.linalg.eigh(s)
+  w, v = _eigh(s)
   return w[::-1], v[:, ::-1]
 
 
@@ -137,5 +170,4 @@ def qr_power_step(s: jax.Array, q: jax.Array) -> jax.Array:
   """
   dtype = jnp.promote_types(s.dtype, jnp.float32)
   power = jnp.matmul(s.astype(dtype), q.astype(dtype), precision=HIGHEST)
-  new_q, _ = jnp.linalg.qr(power)
-  return new_q
+  return _qr_orthonormal(power)

@@ -1,0 +1,234 @@
+"""Each part on its own, against float64 formulas written from ALGORITHMS.md."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import kl_optax
+from reference import kron_all, kron_vec, unfold
+
+SHAPES = [(4, 6), (3, 4, 5)]
+
+
+def _random_state(shape, seed=0):
+  """A state with random orthonormal bases, positive λ and SPD factors (float64)."""
+  rng = np.random.default_rng(seed)
+  q = [np.linalg.qr(rng.normal(size=(d, d)))[0] for d in shape]
+  lam = [rng.uniform(0.05, 2.0, size=d) for d in shape]
+  s = []
+  for d in shape:
+    a = rng.normal(size=(d, d))
+    s.append(a @ a.T / d)
+  mu = rng.normal(size=shape)
+  return s, q, lam, mu
+
+
+def _jax_state(s, q, lam, mu):
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  return kl_optax.KronState(
+      factors=tuple(map(f, s)), bases=tuple(map(f, q)), eigvals=tuple(map(f, lam)),
+      slots={"mu": f(mu)})
+
+
+def _step(state, g, count=1):
+  g = jnp.asarray(g, jnp.float32)
+  return kl_optax.TensorStep(state, g, g, jnp.asarray(count, jnp.int32))
+
+
+def _increment(g, q, lam, k):
+  """G_(k) (⊗_{j≠k} Q_j diag(λ_j)⁻¹ Q_jᵀ) G_(k)ᵀ / n_k, dense."""
+  inv = [qq @ np.diag(1 / ll) @ qq.T for qq, ll in zip(q, lam)]
+  others = kron_all([inv[j] for j in range(len(q)) if j != k])
+  gk = unfold(g, k)
+  return gk @ others @ gk.T / (g.size // g.shape[k])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_momentum(shape):
+  s, q, lam, mu = _random_state(shape)
+  g = np.random.default_rng(5).normal(size=shape)
+  for nesterov in (False, True):
+    out = kl_optax.momentum(0.8, nesterov=nesterov)(_step(_jax_state(s, q, lam, mu), g))
+    m = 0.8 * mu + 0.2 * g
+    np.testing.assert_allclose(out.state.slots["mu"], m, rtol=1e-5, atol=1e-6)
+    expected = 0.8 * m + 0.2 * g if nesterov else m
+    np.testing.assert_allclose(out.update, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_whiten_is_inverse_sqrt_of_kronecker_factor(shape):
+  s, q, lam, mu = _random_state(shape)
+  eps = 1e-3
+  out = kl_optax.whiten(eps)(_step(_jax_state(s, q, lam, mu), mu))
+  # (⊗ Q) diag(1 / (sqrt(⊗ λ) + eps)) (⊗ Q)ᵀ vec(m)
+  qk = kron_all(q)
+  expected = qk @ ((qk.T @ mu.reshape(-1)) / (np.sqrt(kron_vec(lam)) + eps))
+  np.testing.assert_allclose(np.asarray(out.update).reshape(-1), expected, rtol=1e-4, atol=1e-5)
+  # With eps = 0 it is (⊗ Ŝ_k^{-1/2}) m exactly.
+  out0 = kl_optax.whiten(0.0)(_step(_jax_state(s, q, lam, mu), mu))
+  roots = kron_all([qq @ np.diag(ll ** -0.5) @ qq.T for qq, ll in zip(q, lam)])
+  np.testing.assert_allclose(np.asarray(out0.update).reshape(-1), roots @ mu.reshape(-1),
+                             rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kl_factor_update(shape):
+  s, q, lam, mu = _random_state(shape)
+  g = np.random.default_rng(6).normal(size=shape)
+  b2 = 0.9
+  out = kl_optax.kl_factor_update(b2)(_step(_jax_state(s, q, lam, mu), g))
+  for k in range(len(shape)):
+    expected = b2 * s[k] + (1 - b2) * _increment(g, q, lam, k)
+    np.testing.assert_allclose(out.state.factors[k], expected, rtol=1e-4, atol=1e-5)
+  # Only the factors change.
+  for a, b in zip(out.state.bases + out.state.eigvals, _jax_state(s, q, lam, mu).bases
+                  + _jax_state(s, q, lam, mu).eigvals):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kl_factor_update_first_step(shape):
+  g = np.random.default_rng(7).normal(size=shape)
+  b2 = 0.9
+  st = kl_optax.init_kron_state(shape)
+  out = kl_optax.kl_factor_update(b2).first_update(_step(st, g, 0))
+  for k in range(len(shape)):
+    expected = (1 - b2) / (g.size // shape[k]) * unfold(g, k) @ unfold(g, k).T
+    np.testing.assert_allclose(out.state.factors[k], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ema_eigenvalues_uses_increment_diagonal_in_current_basis(shape):
+  s, q, lam, mu = _random_state(shape)
+  g = np.random.default_rng(8).normal(size=shape)
+  b2 = 0.9
+  out = kl_optax.ema_eigenvalues(b2, max_clamp=4000)(_step(_jax_state(s, q, lam, mu), g))
+  for k, d in enumerate(shape):
+    delta = np.diag(q[k].T @ _increment(g, q, lam, k) @ q[k])
+    c = max(10, min(d, 4000))
+    expected = np.maximum(b2 * lam[k] + (1 - b2) * delta, 1 / c**2)
+    np.testing.assert_allclose(out.state.eigvals[k], expected, rtol=1e-4)
+    # It is not the diagonal of QᵀSQ.
+    assert not np.allclose(expected, b2 * lam[k] + (1 - b2) * np.diag(q[k].T @ s[k] @ q[k]))
+
+
+def test_ema_eigenvalues_clamp_and_non_finite():
+  shape = (12, 30)
+  s, q, lam, mu = _random_state(shape)
+  st = _jax_state(s, q, lam, mu)
+  part = kl_optax.ema_eigenvalues(0.0, max_clamp=20)  # b2 = 0: λ is this step's δ
+  out = part(_step(st, np.zeros(shape)))  # δ = 0: every λ sits on the floor
+  np.testing.assert_allclose(out.state.eigvals[0], 1 / 12**2, rtol=1e-6)  # c = min(12, 20)
+  np.testing.assert_allclose(out.state.eigvals[1], 1 / 20**2, rtol=1e-6)  # c = min(30, 20)
+  g = np.ones(shape)
+  g[0, 0] = np.nan
+  out = part(_step(st, g))
+  for new, old in zip(out.state.eigvals, st.eigvals):
+    assert np.all(np.isfinite(new))
+    # Entries touched by the NaN keep their previous value.
+    np.testing.assert_array_equal(new, old)
+
+
+def test_qr_basis_refresh_runs_only_on_refresh_steps():
+  shape = (5, 7)
+  s, q, lam, mu = _random_state(shape)
+  st = _jax_state(s, q, lam, mu)
+  part = kl_optax.qr_basis_refresh(4)
+  for count in (1, 2, 3, 5):
+    out = part(_step(st, np.zeros(shape), count))
+    for a, b in zip(out.state.bases, st.bases):
+      np.testing.assert_array_equal(a, b)
+  out = part(_step(st, np.zeros(shape), 8))
+  for k in range(2):
+    expected = np.linalg.qr(s[k] @ q[k])[0]
+    got = np.asarray(out.state.bases[k], np.float64)
+    # Equal up to the signs of the columns.
+    signs = np.sign(np.sum(got * expected, axis=0))
+    np.testing.assert_allclose(got * signs, expected, atol=1e-4)
+  np.testing.assert_array_equal(out.state.eigvals[0], st.eigvals[0])
+
+
+def test_qr_basis_refresh_first_step_is_descending_eigh():
+  shape = (5, 7)
+  s, _, _, _ = _random_state(shape)
+  st = kl_optax.init_kron_state(shape)._replace(
+      factors=tuple(jnp.asarray(x, jnp.float32) for x in s))
+  out = kl_optax.qr_basis_refresh(10).first_update(_step(st, np.zeros(shape), 0))
+  for k in range(2):
+    qk = np.asarray(out.state.bases[k], np.float64)
+    w = np.diag(qk.T @ s[k] @ qk)
+    assert np.all(np.diff(w) <= 1e-5)
+    np.testing.assert_allclose(qk.T @ s[k] @ qk, np.diag(w), atol=1e-4)
+
+
+def test_qr_basis_refresh_keeps_basis_when_not_finite():
+  shape = (4, 4)
+  s, q, lam, mu = _random_state(shape)
+  s[0][1, 1] = np.inf
+  st = _jax_state(s, q, lam, mu)
+  out = kl_optax.qr_basis_refresh(1)(_step(st, np.zeros(shape), 1))
+  np.testing.assert_array_equal(out.state.bases[0], st.bases[0])
+  assert not np.array_equal(out.state.bases[1], st.bases[1])
+
+
+def _hand_built(lr, wd, b1=0.9, b2=0.98, eps=1e-8, freq=10, init_factor=0.1, max_clamp=4000):
+  return optax.chain(
+      kl_optax.kron_transform(
+          kl_optax.momentum(b1),
+          kl_optax.whiten(eps),
+          kl_optax.kl_factor_update(b2),
+          kl_optax.ema_eigenvalues(b2, init_factor=init_factor, max_clamp=max_clamp),
+          kl_optax.qr_basis_refresh(freq),
+      ),
+      optax.add_decayed_weights(wd),
+      optax.scale_by_learning_rate(lr),
+  )
+
+
+def test_hand_built_from_parts_equals_recipe():
+  rng = np.random.default_rng(3)
+  params = {"a": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(3, 1, 4, 5)), jnp.float32),
+            "c": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}
+  recipe = kl_optax.kl_shampoo(0.03, weight_decay=0.01, precondition_frequency=3)
+  hand = _hand_built(0.03, 0.01, freq=3)
+  s_r, s_h = recipe.init(params), hand.init(params)
+  p_r = p_h = params
+  step_r, step_h = jax.jit(recipe.update), jax.jit(hand.update)
+  for t in range(12):
+    g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32) + x, p_r)
+    u_r, s_r = step_r(g, s_r, p_r)
+    u_h, s_h = step_h(g, s_h, p_h)
+    for k in params:
+      np.testing.assert_allclose(u_r[k], u_h[k], rtol=1e-6, atol=1e-7)
+    p_r, p_h = optax.apply_updates(p_r, u_r), optax.apply_updates(p_h, u_h)
+
+
+def test_stacked_tensors_match_separate_runs():
+  """Same-shape leaves are stacked; the result equals running each leaf alone."""
+  rng = np.random.default_rng(4)
+  tx = kl_optax.scale_by_kl_shampoo(precondition_frequency=2)
+  tree = {"x": jnp.zeros((5, 3)), "y": jnp.zeros((5, 3)), "z": jnp.zeros((2, 3, 4))}
+  state = tx.init(tree)
+  assert len(state.groups) == 2 and state.groups[0].factors[0].shape == (2, 5, 5)
+  singles = {k: tx.init(v) for k, v in tree.items()}
+  for _ in range(6):
+    g = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in tree.items()}
+    u, state = tx.update(g, state)
+    for k in tree:
+      u_k, singles[k] = tx.update(g[k], singles[k])
+      np.testing.assert_allclose(u[k], u_k, rtol=1e-5, atol=1e-6)
+
+
+def test_slot_shape_conflict_is_an_error():
+  bad = kl_optax.Part(update=lambda s: s, init_slots=lambda shape: {"mu": jnp.zeros(())})
+  tx = kl_optax.kron_transform(kl_optax.momentum(0.9), bad)
+  with pytest.raises(ValueError, match="slot 'mu'"):
+    tx.init(jnp.zeros((3, 3)))
+
+
+def test_non_part_argument_is_an_error():
+  with pytest.raises(TypeError, match="argument 1"):
+    kl_optax.kron_transform(kl_optax.momentum(0.9), lambda s: s)
