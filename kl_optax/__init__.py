@@ -1,13 +1,17 @@
 """kl_optax: Kronecker-factored optimizers from Kullback-Leibler minimization, for Optax.
 
 Ready-made optimizers (:mod:`kl_optax.recipes`)
-  ``kl_shampoo`` / ``scale_by_kl_shampoo``.
+  ``kl_shampoo``, ``kl_soap`` and the baselines ``soap``, ``shampoo`` and
+  ``eshampoo``, each with its ``scale_by_*`` preconditioner.
 
 Composable parts (:mod:`kl_optax.parts`)
-  ``momentum``, ``whiten``, ``kl_factor_update``, ``ema_eigenvalues``,
-  ``qr_basis_refresh`` — pure functions over an explicit per-tensor state
-  (:class:`KronState`), turned into an optax transformation by
-  :func:`kron_transform` (:mod:`kl_optax.compose`).
+  Pure functions over an explicit per-tensor state (:class:`KronState`):
+  statistics (``kl_factor_update``, ``shampoo_factor_update``,
+  ``ema_eigenvalues``), bases (``qr_basis_refresh``, ``eigh_basis_refresh``),
+  directions (``whiten``, ``adam_in_eigenbasis``,
+  ``eigenvalue_corrected_whiten``, ``inverse_root``, ``adam_grafting``) and
+  ``momentum``; :func:`kron_transform` (:mod:`kl_optax.compose`) turns a
+  sequence of them into an optax transformation.
 
 Routing (:mod:`kl_optax.routing`)
   ``kron_labels`` and ``exclude``: which leaves get a Kronecker preconditioner.
@@ -16,19 +20,43 @@ Kronecker linear algebra (:mod:`kl_optax.kron`).
 """
 
 from kl_optax import kron
-from kl_optax.compose import KronTransformState, kron_transform, plan_tensors
+from kl_optax.compose import (
+    KronTransformState,
+    kron_states,
+    kron_transform,
+    plan_tensors,
+    refresh_counts,
+)
 from kl_optax.parts import (
     KronState,
     Part,
     TensorStep,
+    adam_grafting,
+    adam_in_eigenbasis,
+    eigenvalue_corrected_whiten,
+    eigh_basis_refresh,
     ema_eigenvalues,
     init_kron_state,
+    inverse_root,
     kl_factor_update,
     momentum,
     qr_basis_refresh,
+    shampoo_factor_update,
     whiten,
 )
-from kl_optax.recipes import kl_shampoo, scale_by_kl_shampoo, with_adam_fallback
+from kl_optax.recipes import (
+    eshampoo,
+    kl_shampoo,
+    kl_soap,
+    scale_by_eshampoo,
+    scale_by_kl_shampoo,
+    scale_by_kl_soap,
+    scale_by_shampoo,
+    scale_by_soap,
+    shampoo,
+    soap,
+    with_adam_fallback,
+)
 from kl_optax.routing import exclude, kron_labels
 
 __version__ = "0.1.0"
@@ -38,18 +66,34 @@ __all__ = [
     "KronTransformState",
     "Part",
     "TensorStep",
+    "adam_grafting",
+    "adam_in_eigenbasis",
+    "eigenvalue_corrected_whiten",
+    "eigh_basis_refresh",
     "ema_eigenvalues",
+    "eshampoo",
     "exclude",
     "init_kron_state",
+    "inverse_root",
     "kl_factor_update",
     "kl_shampoo",
+    "kl_soap",
     "kron",
     "kron_labels",
+    "kron_states",
     "kron_transform",
     "momentum",
     "plan_tensors",
     "qr_basis_refresh",
+    "refresh_counts",
+    "scale_by_eshampoo",
     "scale_by_kl_shampoo",
+    "scale_by_kl_soap",
+    "scale_by_shampoo",
+    "scale_by_soap",
+    "shampoo",
+    "shampoo_factor_update",
+    "soap",
     "whiten",
     "with_adam_fallback",
 ]

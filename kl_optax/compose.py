@@ -307,3 +307,47 @@ def _check_matches_state(plan: TensorPlan, state: KronTransformState) -> None:
           f"state group for shape {st_shape} with {st_n} tensors. Was the state "
           "initialized with parameters of a different structure?"
       )
+
+
+def kron_states(opt_state) -> list[KronTransformState]:
+  """Every :class:`KronTransformState` inside an optimizer state (e.g. under ``optax.partition``)."""
+  found = []
+
+  def visit(x):
+    if isinstance(x, KronTransformState):
+      found.append(x)
+      return True
+    return False
+
+  jax.tree_util.tree_flatten(opt_state, is_leaf=visit)
+  return found
+
+
+def refresh_counts(opt_state) -> dict[str, jax.Array]:
+  """Basis refreshes performed so far, per shape group, for logging.
+
+  Returns:
+    ``{"<d_1>x<d_2>…": counts}`` with ``counts`` of shape
+    ``(tensors in the group, modes)``: how many times each factor's basis was
+    refreshed (the slot ``'refreshes'`` of the refresh parts). Groups whose
+    parts keep no count are left out.
+
+  Example:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> tx = kl_optax.kl_shampoo(1e-3, precondition_frequency=1)
+    >>> params = {'w': jnp.zeros((4, 3))}
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   _, state = tx.update({'w': jnp.ones((4, 3))}, state, params)
+    >>> kl_optax.refresh_counts(state)['4x3'].tolist()
+    [[2, 2]]
+  """
+  out = {}
+  for st in kron_states(opt_state):
+    if not isinstance(st.groups, tuple):
+      continue
+    for group in st.groups:
+      if "refreshes" in group.slots:
+        key = "x".join(str(f.shape[-1]) for f in group.factors)
+        out[key] = group.slots["refreshes"]
+  return out

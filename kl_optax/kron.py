@@ -32,6 +32,7 @@ __all__ = [
     "outer_product",
     "project",
     "project_back",
+    "qr_orthonormal",
     "qr_power_step",
 ]
 
@@ -160,6 +161,11 @@ def eigh_descending(s: jax.Array) -> tuple[jax.Array, jax.Array]:
   s = 0.5 * (s + s.T)
   w, v = _eigh(s)
   return w[::-1], v[:, ::-1]
+
+
+def qr_orthonormal(x: jax.Array) -> jax.Array:
+  """The orthonormal factor ``Q`` of ``x = QR``, computed in float32 (or wider)."""
+  return _qr_orthonormal(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
 
 
 def qr_power_step(s: jax.Array, q: jax.Array) -> jax.Array:

@@ -50,15 +50,23 @@ import jax.numpy as jnp
 from kl_optax import kron
 
 __all__ = [
+    "REFRESH_SLOT",
     "KronState",
     "Part",
     "TensorStep",
+    "adam_grafting",
+    "adam_in_eigenbasis",
     "clamp_floor",
+    "eigenvalue_corrected_whiten",
+    "eigh_basis_refresh",
     "ema_eigenvalues",
     "init_kron_state",
+    "inverse_root",
     "kl_factor_update",
     "momentum",
+    "off_diagonal_ratio",
     "qr_basis_refresh",
+    "shampoo_factor_update",
     "whiten",
 ]
 
@@ -158,6 +166,11 @@ def _with_slot(state: KronState, name: str, value: jax.Array) -> KronState:
   return state._replace(slots=slots)
 
 
+def _debias(beta: jax.Array, count: jax.Array) -> jax.Array:
+  """``1 − beta^t``, the bias correction of an average started at zero."""
+  return 1.0 - jnp.power(beta, count.astype(jnp.float32))
+
+
 def _others_size(shape: Shape, k: int) -> int:
   """``n_k``: the product of all dims but the k-th."""
   n = 1
@@ -172,17 +185,21 @@ def _others_size(shape: Shape, k: int) -> int:
 # ----------------------------------------------------------------------------
 
 
-def momentum(b1: Any = 0.9, *, nesterov: bool = False, slot: str = "mu") -> Part:
+def momentum(
+    b1: Any = 0.9, *, nesterov: bool = False, bias_correction: bool = False,
+    slot: str = "mu",
+) -> Part:
   r"""Exponential moving average of the running update, kept in original coordinates.
 
   ``m ← b1 m + (1 − b1) u`` where ``u`` is the running update (the raw
   gradient when this part comes first); the update becomes ``m`` (or
-  ``b1 m + (1 − b1) u`` with ``nesterov=True``). No bias correction. ``m``
-  stays zero on the initialization step.
+  ``b1 m + (1 − b1) u`` with ``nesterov=True``), divided by ``1 − b1^t`` with
+  ``bias_correction=True``. ``m`` stays zero on the initialization step.
 
   Args:
     b1: keep factor of the average.
     nesterov: use the Nesterov form of the output.
+    bias_correction: divide the output by ``1 − b1^t``.
     slot: name of the slot that stores ``m``.
 
   Returns:
@@ -196,6 +213,8 @@ def momentum(b1: Any = 0.9, *, nesterov: bool = False, slot: str = "mu") -> Part
     beta = _f32(b1)
     mu = beta * step.state.slots[slot] + (1.0 - beta) * step.update
     out = beta * mu + (1.0 - beta) * step.update if nesterov else mu
+    if bias_correction:
+      out = out / _debias(beta, step.count)
     return step._replace(state=_with_slot(step.state, slot, mu), update=out)
 
   return Part(update=update, init_slots=init_slots, name=f"momentum({slot})")
@@ -227,6 +246,153 @@ def whiten(eps: Any = 1e-8) -> Part:
     return step._replace(update=u)
 
   return Part(update=update, name="whiten")
+
+
+def adam_in_eigenbasis(
+    b1: Any = 0.9,
+    b2: Any = 0.98,
+    eps: Any = 1e-8,
+    *,
+    bias_correction: bool = False,
+    mu_slot: str = "mu_eig",
+    nu_slot: str = "nu_eig",
+) -> Part:
+  r"""Adam run in the Kronecker eigenbasis (the direction of SOAP and KL-SOAP).
+
+  With ``G̃ = P(u)`` (the running update in the current basis):
+
+  .. math::
+
+     \tilde m \leftarrow b_1 \tilde m + (1 - b_1) \tilde G, \qquad
+     \tilde v \leftarrow b_2 \tilde v + (1 - b_2) \tilde G^2, \qquad
+     U = c_t\, P^\top\big(\tilde m \oslash (\sqrt{\tilde v} + \epsilon)\big),
+
+  where ``c_t = 1`` or, with ``bias_correction=True``,
+  ``c_t = sqrt(1 − b2^t) / (1 − b1^t)`` (the step-size form of SOAP's code, in
+  which ``eps`` is not rescaled). Both moments live in the eigenbasis; pair
+  with ``qr_basis_refresh(rotate_slots=(mu_slot,))`` to carry ``m̃`` into a new
+  basis.
+
+  Args:
+    b1: keep factor of the first moment.
+    b2: keep factor of the second moment.
+    eps: added to ``sqrt(ṽ)``.
+    bias_correction: apply Adam's bias corrections.
+    mu_slot: slot of ``m̃``.
+    nu_slot: slot of ``ṽ``.
+
+  Returns:
+    A :class:`Part` owning the two slots (shape of the tensor).
+  """
+
+  def init_slots(shape):
+    return {mu_slot: jnp.zeros(shape, jnp.float32), nu_slot: jnp.zeros(shape, jnp.float32)}
+
+  def update(step: TensorStep) -> TensorStep:
+    st = step.state
+    beta1, beta2 = _f32(b1), _f32(b2)
+    g = kron.project(step.update, st.bases)
+    mu = beta1 * st.slots[mu_slot] + (1.0 - beta1) * g
+    nu = beta2 * st.slots[nu_slot] + (1.0 - beta2) * jnp.square(g)
+    u = kron.project_back(mu / (jnp.sqrt(nu) + _f32(eps)), st.bases)
+    if bias_correction:
+      u = u * (jnp.sqrt(_debias(beta2, step.count)) / _debias(beta1, step.count))
+    state = _with_slot(_with_slot(st, mu_slot, mu), nu_slot, nu)
+    return step._replace(state=state, update=u)
+
+  return Part(update=update, init_slots=init_slots, name="adam_in_eigenbasis")
+
+
+def eigenvalue_corrected_whiten(
+    b2: Any = 0.95, eps: Any = 1e-8, *, bias_correction: bool = True, slot: str = "nu_eig"
+) -> Part:
+  r"""EShampoo's direction: the running update divided by corrected eigenvalues.
+
+  ``D`` is a per-entry second moment of this step's gradient in the current
+  basis, ``D ← b2 D + (1 − b2) P(G)²`` (never rotated when the basis changes),
+  and ``U = Pᵀ( P(u) ⊘ (sqrt(D̂) + eps) )`` with ``D̂ = D / (1 − b2^t)`` when
+  ``bias_correction`` (else ``D̂ = D``). ``u`` is the running update (the
+  momentum, in original coordinates, when a :func:`momentum` part precedes).
+
+  Args:
+    b2: keep factor of ``D``.
+    eps: added to ``sqrt(D̂)``.
+    bias_correction: divide ``D`` by ``1 − b2^t``.
+    slot: slot of ``D``.
+
+  Returns:
+    A :class:`Part` owning the slot ``slot`` (shape of the tensor).
+  """
+
+  def init_slots(shape):
+    return {slot: jnp.zeros(shape, jnp.float32)}
+
+  def update(step: TensorStep) -> TensorStep:
+    st = step.state
+    beta = _f32(b2)
+    d = beta * st.slots[slot] + (1.0 - beta) * jnp.square(kron.project(step.grad, st.bases))
+    d_hat = d / _debias(beta, step.count) if bias_correction else d
+    u = kron.project_back(
+        kron.project(step.update, st.bases) / (jnp.sqrt(d_hat) + _f32(eps)), st.bases)
+    return step._replace(state=_with_slot(st, slot, d), update=u)
+
+  return Part(update=update, init_slots=init_slots, name="eigenvalue_corrected_whiten")
+
+
+def inverse_root(eps: Any = 1e-12, *, exponent: Any = None) -> Part:
+  r"""Shampoo's direction: ``U = (⊗_k (S_k + eps I)^{-p}) u`` through the eigenbasis.
+
+  Uses the current bases and eigenvalue estimates (an exact eigendecomposition
+  when paired with :func:`eigh_basis_refresh`):
+  ``U = Pᵀ( P(u) ⊘ ∏_k (λ_k + eps)^p )`` with ``p = 1/(2K)`` by default, so
+  that ``⊗_k S_k`` as a whole is applied with exponent −1/2.
+
+  Args:
+    eps: added to every eigenvalue.
+    exponent: ``p``; ``None`` means ``1 / (2K)`` for a tensor of order ``K``.
+
+  Returns:
+    A :class:`Part` that replaces the running update.
+  """
+
+  def update(step: TensorStep) -> TensorStep:
+    st = step.state
+    p = 1.0 / (2 * len(st.eigvals)) if exponent is None else _f32(exponent)
+    d = kron.outer_product([jnp.power(jnp.maximum(lam, 0.0) + _f32(eps), p) for lam in st.eigvals])
+    u = kron.project_back(kron.project(step.update, st.bases) / d, st.bases)
+    return step._replace(update=u)
+
+  return Part(update=update, name="inverse_root")
+
+
+def adam_grafting(b2: Any = 0.999, eps: Any = 1e-8, *, slot: str = "nu_graft") -> Part:
+  r"""Rescales the running update to the norm of Adam's direction (per tensor).
+
+  ``ν ← b2 ν + (1 − b2) G²``, ``A = G / (sqrt(ν / (1 − b2^t)) + eps)`` and
+  ``U ← U · ‖A‖_F / ‖U‖_F`` (``U`` stays zero if it is zero). Grafting takes the
+  step size of a diagonal method and the direction of the Kronecker one.
+
+  Args:
+    b2: keep factor of ``ν``.
+    eps: added to Adam's denominator.
+    slot: slot of ``ν``.
+
+  Returns:
+    A :class:`Part` owning the slot ``slot`` (shape of the tensor).
+  """
+
+  def init_slots(shape):
+    return {slot: jnp.zeros(shape, jnp.float32)}
+
+  def update(step: TensorStep) -> TensorStep:
+    beta = _f32(b2)
+    nu = beta * step.state.slots[slot] + (1.0 - beta) * jnp.square(step.grad)
+    adam = step.grad / (jnp.sqrt(nu / _debias(beta, step.count)) + _f32(eps))
+    norm_u = jnp.linalg.norm(step.update)
+    scale = jnp.where(norm_u > 0, jnp.linalg.norm(adam) / jnp.where(norm_u > 0, norm_u, 1.0), 0.0)
+    return step._replace(state=_with_slot(step.state, slot, nu), update=step.update * scale)
+
+  return Part(update=update, init_slots=init_slots, name="adam_grafting")
 
 
 # ----------------------------------------------------------------------------
@@ -286,6 +452,35 @@ def kl_factor_update(b2: Any = 0.98) -> Part:
     return step._replace(state=st._replace(factors=tuple(factors)))
 
   return Part(update=update, first_update=first_update, name="kl_factor_update")
+
+
+def shampoo_factor_update(b2: Any = 0.95) -> Part:
+  r"""Shampoo's (and SOAP's) factor average: ``S_k ← b2 S_k + (1 − b2) G_(k) G_(k)ᵀ``.
+
+  No whitening by the other factors and no division by ``n_k``. On the
+  initialization step: ``S_k = (1 − b2) G_(k) G_(k)ᵀ``.
+
+  Args:
+    b2: keep factor of the factor average.
+
+  Returns:
+    A :class:`Part` that writes ``state.factors``.
+  """
+
+  def first_update(step: TensorStep) -> TensorStep:
+    scale = 1.0 - _f32(b2)
+    factors = tuple(scale * kron.mode_gram(step.grad, k) for k in range(step.grad.ndim))
+    return step._replace(state=step.state._replace(factors=factors))
+
+  def update(step: TensorStep) -> TensorStep:
+    beta = _f32(b2)
+    factors = tuple(
+        beta * s + (1.0 - beta) * kron.mode_gram(step.grad, k)
+        for k, s in enumerate(step.state.factors)
+    )
+    return step._replace(state=step.state._replace(factors=factors))
+
+  return Part(update=update, first_update=first_update, name="shampoo_factor_update")
 
 
 def clamp_floor(dim: int, max_clamp: Any = 4000) -> jax.Array:
@@ -354,39 +549,209 @@ def ema_eigenvalues(
 # ----------------------------------------------------------------------------
 
 
-def qr_basis_refresh(precondition_frequency: Any = 10) -> Part:
+REFRESH_SLOT = "refreshes"
+
+
+def _static_iters(value: Any, name: str) -> int:
+  if value is None:
+    return 1
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{name} must be a static Python int, got a traced value.")
+  value = int(value)
+  if value < 1:
+    raise ValueError(f"{name} must be ≥ 1, got {value}.")
+  return value
+
+
+def _static_tolerance(value: Any) -> Any:
+  """``None`` for "always refresh" (``None`` or a Python zero); the value otherwise."""
+  if value is None:
+    return None
+  if not isinstance(value, jax.core.Tracer):
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+      raise ValueError(f"refresh tolerance must be in [0, 1], got {value!r}.")
+    if v == 0.0:
+      return None
+  return value
+
+
+def _refresh_init(shape):
+  return {REFRESH_SLOT: jnp.zeros((len(shape),), jnp.int32)}
+
+
+def off_diagonal_ratio(b: jax.Array) -> jax.Array:
+  r"""``off(B) / ‖B‖_F`` with ``off(B) = sqrt(‖B‖_F² − ‖diag B‖²)``.
+
+  For ``B = Qᵀ A Q`` this is ``‖A − Q diag(B) Qᵀ‖_F / ‖A‖_F``: the relative
+  error of keeping the basis ``Q`` for ``A``. Zero for a zero matrix.
+  """
+  total = jnp.sum(jnp.square(b))
+  off = jnp.maximum(total - jnp.sum(jnp.square(jnp.diagonal(b))), 0.0)
+  return jnp.where(total > 0, jnp.sqrt(off / jnp.where(total > 0, total, 1.0)), 0.0)
+
+
+def _rotated_basis(s: jax.Array, q: jax.Array) -> jax.Array:
+  return jnp.matmul(q.T, jnp.matmul(s, q, precision=kron.HIGHEST), precision=kron.HIGHEST)
+
+
+def _qr_iterations(s, q, tolerance, max_iters):
+  """Warm-started QR iterations on ``B = QᵀSQ``, stopping once ``off(B) ≤ τ‖B‖``.
+
+  Returns the new basis and the number of iterations run (0: ``Q`` was kept).
+  """
+
+  def keep_going(carry):
+    i, _, b = carry
+    converged = False if tolerance is None else off_diagonal_ratio(b) <= tolerance
+    return (i < max_iters) & jnp.logical_not(converged)
+
+  def body(carry):
+    i, q, b = carry
+    qk = kron.qr_orthonormal(b)
+    return i + 1, jnp.matmul(q, qk, precision=kron.HIGHEST), _rotated_basis(b, qk)
+
+  i, q, _ = jax.lax.while_loop(keep_going, body, (jnp.int32(0), q, _rotated_basis(s, q)))
+  return q, i
+
+
+def qr_basis_refresh(
+    precondition_frequency: Any = 10,
+    *,
+    tolerance: Any = None,
+    max_iters: int | None = 1,
+    sort: bool = False,
+    rotate_slots: tuple[str, ...] = (),
+    permute_slots: tuple[str, ...] = (),
+) -> Part:
   r"""Keeps each basis ``Q_k`` close to the eigenvectors of its factor ``S_k``.
 
-  On steps ``t`` with ``t mod precondition_frequency == 0``:
-  ``Q_k ← qr(S_k Q_k).Q`` — one warm-started power step followed by a QR
-  decomposition, in float32. The eigenvalue estimates are neither recomputed
-  nor re-sorted. A basis whose refresh is not finite is kept.
+  On steps ``t`` with ``t mod precondition_frequency == 0`` every basis is
+  refreshed by one warm-started power step, ``Q_k ← qr(S_k Q_k).Q``, in
+  float32. The eigenvalue estimates are neither recomputed nor re-sorted.
+
+  Options:
+
+  * ``tolerance`` (adaptive refresh, ``ALGORITHMS.md`` §4): with
+    ``B = Q_kᵀ S_k Q_k``, the basis is kept when
+    ``off(B) ≤ tolerance · ‖B‖_F`` (:func:`off_diagonal_ratio`); otherwise up to
+    ``max_iters`` unshifted QR iterations ``Q_i R_i = qr(B); B ← R_i Q_i;
+    Q_k ← Q_k Q_i`` run, stopping as soon as the criterion holds. One
+    iteration is the power step above (``qr(S Q) = Q · qr(QᵀSQ)``). Each
+    factor decides on its own; ``None`` (or 0) refreshes every time.
+  * ``sort`` (SOAP): before the power step, the columns of ``Q_k`` are sorted by
+    descending ``diag(Q_kᵀ S_k Q_k)`` and the slots in ``permute_slots`` are
+    permuted the same way along mode ``k``.
+  * ``rotate_slots``: slots holding eigenbasis coordinates (SOAP's first
+    moment) are carried into the new basis, ``x ← P_new(Pᵀ_old(x))``.
+
+  A basis whose refresh is not finite is kept. The number of refreshes each
+  factor actually performed is counted in the slot ``'refreshes'`` (int32, one
+  entry per mode).
 
   On the initialization step: ``Q_k`` = eigenvectors of ``S_k`` (``eigh`` in
   float32), columns in descending eigenvalue order.
 
   Args:
     precondition_frequency: refresh every this many steps (``t ≥ 1``).
+    tolerance: relative off-diagonal tolerance in [0, 1] of the adaptive refresh.
+    max_iters: largest number of QR iterations per refresh (static; ``None``: 1).
+    sort: sort the basis columns by estimated eigenvalue before refreshing.
+    rotate_slots: slots to rotate into the new basis.
+    permute_slots: slots to permute with the sorted columns.
 
   Returns:
-    A :class:`Part` that writes ``state.bases``.
+    A :class:`Part` that writes ``state.bases`` and the slot ``'refreshes'``.
   """
+  tol = _static_tolerance(tolerance)
+  iters = _static_iters(max_iters, "max_iters")
+  plain = tol is None and iters == 1
 
   def first_update(step: TensorStep) -> TensorStep:
     bases = tuple(kron.eigh_descending(s)[1] for s in step.state.factors)
     return step._replace(state=step.state._replace(bases=bases))
 
-  def refresh(factors, bases):
-    new = []
-    for s, q in zip(factors, bases):
-      q_new = kron.qr_power_step(s, q)
-      new.append(jnp.where(jnp.all(jnp.isfinite(q_new)), q_new, q))
-    return tuple(new)
+  def refresh(state: KronState) -> KronState:
+    slots = dict(state.slots)
+    bases, done = [], []
+    for k, (s, q) in enumerate(zip(state.factors, state.bases)):
+      if sort:
+        order = jnp.argsort(-jnp.diagonal(_rotated_basis(s, q)))
+        q = q[:, order]
+        for name in permute_slots:
+          slots[name] = jnp.take(slots[name], order, axis=k)
+      if plain:
+        q_new, n = kron.qr_power_step(s, q), jnp.int32(1)
+      else:
+        q_new, n = _qr_iterations(s, q, tol, iters)
+      ok = jnp.all(jnp.isfinite(q_new))
+      bases.append(jnp.where(ok, q_new, q))
+      done.append(ok & (n > 0))
+    for name in rotate_slots:
+      slots[name] = kron.project(kron.project_back(slots[name], state.bases), bases)
+    slots[REFRESH_SLOT] = slots[REFRESH_SLOT] + jnp.stack(done).astype(jnp.int32)
+    return state._replace(bases=tuple(bases), slots=slots)
 
   def update(step: TensorStep) -> TensorStep:
-    st = step.state
     due = (step.count % precondition_frequency) == 0
-    bases = jax.lax.cond(due, refresh, lambda f, b: tuple(b), st.factors, st.bases)
-    return step._replace(state=st._replace(bases=bases))
+    state = jax.lax.cond(due, refresh, lambda st: st, step.state)
+    return step._replace(state=state)
 
-  return Part(update=update, first_update=first_update, name="qr_basis_refresh")
+  return Part(update=update, first_update=first_update, init_slots=_refresh_init,
+              name="qr_basis_refresh")
+
+
+def eigh_basis_refresh(precondition_frequency: Any = 10, *, tolerance: Any = None) -> Part:
+  r"""Exact eigendecompositions of the factors: ``λ_k, Q_k = eigh(S_k)`` (Shampoo).
+
+  Runs on the initialization step and on steps with
+  ``t mod precondition_frequency == 0``; eigenvalues are sorted in descending
+  order and clipped at zero. With ``tolerance``, a factor whose current basis
+  still satisfies ``off(Q_kᵀ S_k Q_k) ≤ tolerance · ‖S_k‖_F`` keeps it and only
+  refreshes its eigenvalues to ``diag(Q_kᵀ S_k Q_k)``. A non-finite
+  decomposition is discarded. Refreshes performed are counted in the slot
+  ``'refreshes'``.
+
+  Args:
+    precondition_frequency: refresh every this many steps (``t ≥ 1``).
+    tolerance: relative off-diagonal tolerance in [0, 1] (``None``: always).
+
+  Returns:
+    A :class:`Part` that writes ``state.bases``, ``state.eigvals`` and the slot
+    ``'refreshes'``.
+  """
+  tol = _static_tolerance(tolerance)
+
+  def decompose(s, q, lam):
+    w, v = kron.eigh_descending(s)
+    ok = jnp.all(jnp.isfinite(v)) & jnp.all(jnp.isfinite(w))
+    return jnp.where(ok, jnp.maximum(w, 0.0), lam), jnp.where(ok, v, q), ok
+
+  def refresh_one(s, q, lam):
+    if tol is None:
+      return decompose(s, q, lam)
+    b = _rotated_basis(s, q)
+    keep = off_diagonal_ratio(b) <= tol
+    return jax.lax.cond(
+        keep, lambda: (jnp.maximum(jnp.diagonal(b), 0.0), q, jnp.bool_(False)),
+        lambda: decompose(s, q, lam))
+
+  def refresh(state: KronState) -> KronState:
+    out = [refresh_one(s, q, lam) for s, q, lam in zip(state.factors, state.bases, state.eigvals)]
+    slots = dict(state.slots)
+    slots[REFRESH_SLOT] = slots[REFRESH_SLOT] + jnp.stack([o[2] for o in out]).astype(jnp.int32)
+    return state._replace(eigvals=tuple(o[0] for o in out), bases=tuple(o[1] for o in out),
+                          slots=slots)
+
+  def first_update(step: TensorStep) -> TensorStep:
+    st = step.state
+    out = [decompose(s, q, lam) for s, q, lam in zip(st.factors, st.bases, st.eigvals)]
+    return step._replace(state=st._replace(eigvals=tuple(o[0] for o in out),
+                                           bases=tuple(o[1] for o in out)))
+
+  def update(step: TensorStep) -> TensorStep:
+    due = (step.count % precondition_frequency) == 0
+    return step._replace(state=jax.lax.cond(due, refresh, lambda st: st, step.state))
+
+  return Part(update=update, first_update=first_update, init_slots=_refresh_init,
+              name="eigh_basis_refresh")

@@ -129,3 +129,204 @@ class KLShampooReference:
     u = self.precondition(g)
     self.last_update = u
     return w - self.lr * (u + self.wd * w)
+
+
+def _vec(x):
+  return np.asarray(x, np.float64).reshape(-1)
+
+
+class _EigenbasisReference:
+  """Shared pieces of the references below: factors, bases, the step counter."""
+
+  def __init__(self, shape, *, lr, weight_decay, precondition_frequency):
+    self.shape = tuple(shape)
+    self.K = len(shape)
+    self.N = int(np.prod(shape))
+    self.lr, self.wd, self.freq = lr, weight_decay, precondition_frequency
+    self.t = None
+    self.last_update = None
+
+  def gram(self, g, k):
+    return unfold(g, k) @ unfold(g, k).T
+
+  def qkron(self):
+    return kron_all(self.Q)
+
+  def step(self, w, g):
+    g = np.asarray(g, np.float64)
+    if self.t is None:
+      self.initialize(g)
+      u = np.zeros(self.shape)
+    else:
+      self.t += 1
+      u = self.update(g)
+    self.last_update = u
+    return w - self.lr * (u + self.wd * w)
+
+  def set_bases(self, state_q, state_s):
+    """Starts from the given factors and bases (rectangular tensors, see KLShampooReference)."""
+    self.Q = [np.array(q, np.float64) for q in state_q]
+    self.S = [np.array(s, np.float64) for s in state_s]
+
+
+class KLSOAPReference(_EigenbasisReference):
+  """KL-SOAP, ALGORITHMS.md §2 (statistics and refresh of §1)."""
+
+  def __init__(self, shape, *, lr, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
+               precondition_frequency=10, init_factor=0.1, max_clamp=4000):
+    super().__init__(shape, lr=lr, weight_decay=weight_decay,
+                     precondition_frequency=precondition_frequency)
+    self.kl = KLShampooReference(shape, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                                 precondition_frequency=precondition_frequency,
+                                 init_factor=init_factor, max_clamp=max_clamp)
+    self.b1, self.b2, self.eps = b1, b2, eps
+
+  @property
+  def Q(self):
+    return self.kl.Q
+
+  @Q.setter
+  def Q(self, value):
+    self.kl.Q = value
+
+  @property
+  def S(self):
+    return self.kl.S
+
+  @S.setter
+  def S(self, value):
+    self.kl.S = value
+
+  def initialize(self, g):
+    self.kl.initialize(g)
+    self.t = 0
+    self.m = np.zeros(self.N)
+    self.v = np.zeros(self.N)
+
+  def update(self, g):
+    gt = self.qkron().T @ _vec(g)
+    self.m = self.b1 * self.m + (1 - self.b1) * gt
+    self.v = self.b2 * self.v + (1 - self.b2) * gt**2
+    u = (self.qkron() @ (self.m / (np.sqrt(self.v) + self.eps))).reshape(self.shape)
+    self.kl.statistics(g)
+    if self.t % self.freq == 0:
+      old = self.qkron()
+      self.kl.refresh()
+      self.m = self.qkron().T @ (old @ self.m)
+    return u
+
+
+class SOAPReference(_EigenbasisReference):
+  """SOAP, ALGORITHMS.md §3 (sorted QR refresh, bias correction in step-size form)."""
+
+  def __init__(self, shape, *, lr, b1=0.95, b2=0.95, eps=1e-8, weight_decay=0.01,
+               precondition_frequency=10):
+    super().__init__(shape, lr=lr, weight_decay=weight_decay,
+                     precondition_frequency=precondition_frequency)
+    self.b1, self.b2, self.eps = b1, b2, eps
+
+  def initialize(self, g):
+    self.S = [(1 - self.b2) * self.gram(g, k) for k in range(self.K)]
+    self.Q = [eigh_descending(s)[1] for s in self.S]
+    self.m = np.zeros(self.N)
+    self.v = np.zeros(self.N)
+    self.t = 0
+
+  def update(self, g):
+    gt = self.qkron().T @ _vec(g)
+    self.m = self.b1 * self.m + (1 - self.b1) * gt
+    self.v = self.b2 * self.v + (1 - self.b2) * gt**2
+    scale = np.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
+    u = scale * (self.qkron() @ (self.m / (np.sqrt(self.v) + self.eps))).reshape(self.shape)
+    self.S = [self.b2 * s + (1 - self.b2) * self.gram(g, k) for k, s in enumerate(self.S)]
+    if self.t % self.freq == 0:
+      old = self.qkron()
+      v = self.v.reshape(self.shape)
+      for k in range(self.K):
+        order = np.argsort(-np.diag(self.Q[k].T @ self.S[k] @ self.Q[k]), kind="stable")
+        self.Q[k] = self.Q[k][:, order]
+        v = np.take(v, order, axis=k)
+        self.Q[k] = np.linalg.qr(self.S[k] @ self.Q[k])[0]
+      self.v = v.reshape(-1)
+      self.m = self.qkron().T @ (old @ self.m)
+    return u
+
+
+class ShampooReference(_EigenbasisReference):
+  """Shampoo with Adam grafting, ALGORITHMS.md §3."""
+
+  def __init__(self, shape, *, lr, b1=0.9, b2=0.99, eps=1e-12, graft_eps=1e-8,
+               weight_decay=0.01, precondition_frequency=10):
+    super().__init__(shape, lr=lr, weight_decay=weight_decay,
+                     precondition_frequency=precondition_frequency)
+    self.b1, self.b2, self.eps, self.graft_eps = b1, b2, eps, graft_eps
+
+  def decompose(self):
+    out = [np.linalg.eigh(0.5 * (s + s.T)) for s in self.S]
+    self.lam = [np.maximum(w, 0.0) for w, _ in out]
+    self.Q = [v for _, v in out]
+
+  def initialize(self, g):
+    self.S = [(1 - self.b2) * self.gram(g, k) for k in range(self.K)]
+    self.decompose()
+    self.m = np.zeros(self.shape)
+    self.nu = np.zeros(self.shape)
+    self.t = 0
+
+  def update(self, g):
+    p = 1.0 / (2 * self.K)
+    roots = [q @ np.diag((l + self.eps) ** -p) @ q.T for q, l in zip(self.Q, self.lam)]
+    d = (kron_all(roots) @ _vec(g)).reshape(self.shape)
+    self.nu = self.b2 * self.nu + (1 - self.b2) * g**2
+    adam = g / (np.sqrt(self.nu / (1 - self.b2**self.t)) + self.graft_eps)
+    d = d * np.linalg.norm(adam) / np.linalg.norm(d)
+    self.m = self.b1 * self.m + (1 - self.b1) * d
+    u = self.m / (1 - self.b1**self.t)
+    self.S = [self.b2 * s + (1 - self.b2) * self.gram(g, k) for k, s in enumerate(self.S)]
+    if self.t % self.freq == 0:
+      self.decompose()
+    return u
+
+
+class EShampooReference(_EigenbasisReference):
+  """Eigenvalue-corrected Shampoo with the adaptive refresh of ALGORITHMS.md §3–4."""
+
+  def __init__(self, shape, *, lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01,
+               precondition_frequency=10, tolerance=0.01, max_iters=1):
+    super().__init__(shape, lr=lr, weight_decay=weight_decay,
+                     precondition_frequency=precondition_frequency)
+    self.b1, self.b2, self.eps = b1, b2, eps
+    self.tolerance, self.max_iters = tolerance, max_iters
+    self.refreshes = np.zeros(self.K, int)
+
+  def initialize(self, g):
+    self.S = [(1 - self.b2) * self.gram(g, k) for k in range(self.K)]
+    self.Q = [eigh_descending(s)[1] for s in self.S]
+    self.m = np.zeros(self.N)
+    self.d = np.zeros(self.N)
+    self.t = 0
+
+  @staticmethod
+  def converged(b, tolerance):
+    off = np.sqrt(max(np.sum(b**2) - np.sum(np.diag(b) ** 2), 0.0))
+    return off <= tolerance * np.linalg.norm(b)
+
+  def update(self, g):
+    qk = self.qkron()
+    self.m = self.b1 * self.m + (1 - self.b1) * _vec(g)
+    m_hat = self.m / (1 - self.b1**self.t)
+    self.d = self.b2 * self.d + (1 - self.b2) * (qk.T @ _vec(g)) ** 2
+    d_hat = self.d / (1 - self.b2**self.t)
+    u = (qk @ ((qk.T @ m_hat) / (np.sqrt(d_hat) + self.eps))).reshape(self.shape)
+    self.S = [self.b2 * s + (1 - self.b2) * self.gram(g, k) for k, s in enumerate(self.S)]
+    if self.t % self.freq == 0:
+      for k in range(self.K):
+        b = self.Q[k].T @ self.S[k] @ self.Q[k]
+        iters = 0
+        while iters < self.max_iters and not self.converged(b, self.tolerance):
+          qi, ri = np.linalg.qr(b)
+          b = ri @ qi
+          self.Q[k] = self.Q[k] @ qi
+          iters += 1
+        self.refreshes[k] += iters > 0
+    return u

@@ -12,9 +12,13 @@ import pytest
 
 import kl_optax
 
-# (factory name, kwargs, static args for inject_hyperparams)
+# (factory name, kwargs)
 RECIPES = [
     ("kl_shampoo", {"learning_rate": 1e-2}),
+    ("kl_soap", {"learning_rate": 1e-2}),
+    ("soap", {"learning_rate": 1e-2}),
+    ("shampoo", {"learning_rate": 1e-2}),
+    ("eshampoo", {"learning_rate": 1e-2}),
 ]
 IDS = [r[0] for r in RECIPES]
 

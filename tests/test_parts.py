@@ -29,7 +29,7 @@ def _jax_state(s, q, lam, mu):
   f = lambda x: jnp.asarray(x, jnp.float32)
   return kl_optax.KronState(
       factors=tuple(map(f, s)), bases=tuple(map(f, q)), eigvals=tuple(map(f, lam)),
-      slots={"mu": f(mu)})
+      slots={"mu": f(mu), "refreshes": jnp.zeros((len(s),), jnp.int32)})
 
 
 def _step(state, g, count=1):
@@ -232,3 +232,156 @@ def test_slot_shape_conflict_is_an_error():
 def test_non_part_argument_is_an_error():
   with pytest.raises(TypeError, match="argument 1"):
     kl_optax.kron_transform(kl_optax.momentum(0.9), lambda s: s)
+
+
+def test_bfloat16_state_storage():
+  """state_dtype stores momentum, factors and bases in bfloat16; λ and the math stay float32."""
+  rng = np.random.default_rng(9)
+  params = {"w": jnp.zeros((6, 5)), "t": jnp.zeros((2, 3, 4))}
+  tx16 = kl_optax.scale_by_kl_shampoo(precondition_frequency=2, state_dtype="bfloat16")
+  tx32 = kl_optax.scale_by_kl_shampoo(precondition_frequency=2)
+  s16, s32 = tx16.init(params), tx32.init(params)
+  update16, update32 = jax.jit(tx16.update), jax.jit(tx32.update)
+  for t in range(7):
+    g = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+    u16, s16 = update16(g, s16)
+    u32, s32 = update32(g, s32)
+    for k in params:
+      assert u16[k].dtype == jnp.float32
+      if t == 0:  # the initialization step returns zeros
+        continue
+      rel = float(jnp.linalg.norm(u16[k] - u32[k]) / jnp.linalg.norm(u32[k]))
+      assert rel < 0.1, (k, rel)
+  for group in s16.groups:
+    assert all(x.dtype == jnp.bfloat16 for x in group.factors + group.bases)
+    assert group.slots["mu"].dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for x in group.eigvals)
+  with pytest.raises(ValueError, match="state_dtype"):
+    kl_optax.scale_by_kl_shampoo(state_dtype="int8")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_adam_in_eigenbasis(shape):
+  s, q, lam, mu = _random_state(shape)
+  rng = np.random.default_rng(10)
+  g = rng.normal(size=shape)
+  m0, v0 = rng.normal(size=shape), rng.uniform(0.1, 1.0, size=shape)
+  st = _jax_state(s, q, lam, mu)
+  st = st._replace(slots=dict(st.slots, mu_eig=jnp.asarray(m0, jnp.float32),
+                              nu_eig=jnp.asarray(v0, jnp.float32)))
+  qk = kron_all(q)
+  gt = (qk.T @ g.reshape(-1)).reshape(shape)
+  m = 0.9 * m0 + 0.1 * gt
+  v = 0.8 * v0 + 0.2 * gt**2
+  for bias in (False, True):
+    out = kl_optax.adam_in_eigenbasis(0.9, 0.8, 1e-3, bias_correction=bias)(_step(st, g, 3))
+    np.testing.assert_allclose(out.state.slots["mu_eig"], m, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.state.slots["nu_eig"], v, rtol=1e-4, atol=1e-5)
+    scale = np.sqrt(1 - 0.8**3) / (1 - 0.9**3) if bias else 1.0
+    expected = scale * qk @ (m / (np.sqrt(v) + 1e-3)).reshape(-1)
+    np.testing.assert_allclose(np.asarray(out.update).reshape(-1), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shampoo_factor_update(shape):
+  s, q, lam, mu = _random_state(shape)
+  g = np.random.default_rng(11).normal(size=shape)
+  out = kl_optax.shampoo_factor_update(0.9)(_step(_jax_state(s, q, lam, mu), g))
+  first = kl_optax.shampoo_factor_update(0.9).first_update(_step(_jax_state(s, q, lam, mu), g, 0))
+  for k in range(len(shape)):
+    gram = unfold(g, k) @ unfold(g, k).T
+    np.testing.assert_allclose(out.state.factors[k], 0.9 * s[k] + 0.1 * gram, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(first.state.factors[k], 0.1 * gram, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_inverse_root_with_exact_eigendecomposition(shape):
+  s, _, _, mu = _random_state(shape)
+  eig = [np.linalg.eigh(x) for x in s]
+  st = _jax_state(s, [v for _, v in eig], [w for w, _ in eig], mu)
+  out = kl_optax.inverse_root(1e-3)(_step(st, mu))
+  p = 1 / (2 * len(shape))
+  roots = kron_all([v @ np.diag((w + 1e-3) ** -p) @ v.T for w, v in eig])
+  np.testing.assert_allclose(np.asarray(out.update).reshape(-1), roots @ mu.reshape(-1),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_adam_grafting_takes_adams_norm_and_keeps_the_direction():
+  shape = (4, 6)
+  s, q, lam, mu = _random_state(shape)
+  rng = np.random.default_rng(12)
+  g, u, nu0 = rng.normal(size=shape), rng.normal(size=shape), rng.uniform(0.5, 1, size=shape)
+  st = _jax_state(s, q, lam, mu)
+  st = st._replace(slots=dict(st.slots, nu_graft=jnp.asarray(nu0, jnp.float32)))
+  step = kl_optax.TensorStep(st, jnp.asarray(g, jnp.float32), jnp.asarray(u, jnp.float32),
+                             jnp.int32(4))
+  out = kl_optax.adam_grafting(0.9, 1e-8)(step)
+  nu = 0.9 * nu0 + 0.1 * g**2
+  adam = g / (np.sqrt(nu / (1 - 0.9**4)) + 1e-8)
+  np.testing.assert_allclose(out.update, u * np.linalg.norm(adam) / np.linalg.norm(u), rtol=1e-5)
+  np.testing.assert_allclose(out.state.slots["nu_graft"], nu, rtol=1e-5)
+  zero = kl_optax.adam_grafting(0.9)(step._replace(update=jnp.zeros(shape)))
+  np.testing.assert_array_equal(zero.update, 0.0)
+
+
+def test_eigenvalue_corrected_whiten():
+  shape = (3, 4, 5)
+  s, q, lam, mu = _random_state(shape)
+  rng = np.random.default_rng(13)
+  g, d0 = rng.normal(size=shape), rng.uniform(0.5, 1, size=shape)
+  st = _jax_state(s, q, lam, mu)
+  st = st._replace(slots=dict(st.slots, nu_eig=jnp.asarray(d0, jnp.float32)))
+  step = kl_optax.TensorStep(st, jnp.asarray(g, jnp.float32), jnp.asarray(mu, jnp.float32),
+                             jnp.int32(2))
+  out = kl_optax.eigenvalue_corrected_whiten(0.9, 1e-3)(step)
+  qk = kron_all(q)
+  d = 0.9 * d0.reshape(-1) + 0.1 * (qk.T @ g.reshape(-1)) ** 2
+  expected = qk @ ((qk.T @ mu.reshape(-1)) / (np.sqrt(d / (1 - 0.9**2)) + 1e-3))
+  np.testing.assert_allclose(np.asarray(out.update).reshape(-1), expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out.state.slots["nu_eig"]).reshape(-1), d, rtol=1e-5)
+
+
+def test_eigh_basis_refresh():
+  shape = (5, 4)
+  s, q, lam, mu = _random_state(shape)
+  st = _jax_state(s, q, lam, mu)
+  part = kl_optax.eigh_basis_refresh(3)
+  same = part(_step(st, np.zeros(shape), 2))
+  np.testing.assert_array_equal(same.state.bases[0], st.bases[0])
+  out = part(_step(st, np.zeros(shape), 3))
+  for k in range(2):
+    w = np.linalg.eigvalsh(s[k])[::-1]
+    np.testing.assert_allclose(out.state.eigvals[k], w, rtol=1e-4, atol=1e-5)
+    qk = np.asarray(out.state.bases[k], np.float64)
+    np.testing.assert_allclose(qk.T @ s[k] @ qk, np.diag(w), atol=1e-4)
+  np.testing.assert_array_equal(out.state.slots["refreshes"], [1, 1])
+
+
+def test_sorted_refresh_permutes_and_rotates_slots():
+  """SOAP's refresh: columns sorted by diag(QᵀSQ), ṽ permuted, m̃ rotated into the new basis."""
+  shape = (4, 5)
+  s, q, lam, mu = _random_state(shape)
+  rng = np.random.default_rng(14)
+  m0, v0 = rng.normal(size=shape), rng.uniform(size=shape)
+  st = _jax_state(s, q, lam, mu)
+  st = st._replace(slots=dict(st.slots, mu_eig=jnp.asarray(m0, jnp.float32),
+                              nu_eig=jnp.asarray(v0, jnp.float32)))
+  part = kl_optax.qr_basis_refresh(1, sort=True, rotate_slots=("mu_eig",),
+                                   permute_slots=("nu_eig",))
+  out = part(_step(st, np.zeros(shape), 1))
+  v = v0
+  new_q = []
+  for k in range(2):
+    order = np.argsort(-np.diag(q[k].T @ s[k] @ q[k]))
+    v = np.take(v, order, axis=k)
+    new_q.append(np.linalg.qr(s[k] @ q[k][:, order])[0])
+  np.testing.assert_allclose(out.state.slots["nu_eig"], v, rtol=1e-6)
+  got = [np.asarray(b, np.float64) for b in out.state.bases]
+  signs = [np.sign(np.sum(a * b, axis=0)) for a, b in zip(got, new_q)]
+  for a, b, sg in zip(got, new_q, signs):
+    np.testing.assert_allclose(a * sg, b, atol=1e-4)
+  # m̃ rotated: P_new(Pᵀ_old(m̃)).
+  m_orig = kron_all(q) @ m0.reshape(-1)
+  expected = kron_all(got).T @ m_orig
+  np.testing.assert_allclose(np.asarray(out.state.slots["mu_eig"]).reshape(-1), expected,
+                             rtol=1e-4, atol=1e-5)
