@@ -1,7 +1,7 @@
 """kl_optax: Kronecker-factored optimizers from Kullback-Leibler minimization, for Optax.
 
 Ready-made optimizers (:mod:`kl_optax.recipes`)
-  ``kl_shampoo``, ``kl_soap`` and the baselines ``soap``, ``shampoo`` and
+  ``kl_shampoo``, ``kl_soap``, ``pro_kl_shampoo`` and the baselines ``soap``, ``shampoo`` and
   ``eshampoo``, each with its ``scale_by_*`` preconditioner.
 
 Composable parts (:mod:`kl_optax.parts`)
@@ -12,6 +12,13 @@ Composable parts (:mod:`kl_optax.parts`)
   ``eigenvalue_corrected_whiten``, ``inverse_root``, ``adam_grafting``) and
   ``momentum``; :func:`kron_transform` (:mod:`kl_optax.compose`) turns a
   sequence of them into an optax transformation.
+
+Pro-KLShampoo (:mod:`kl_optax.pro`, :mod:`kl_optax.newton_schulz`)
+  ``pro_kl_shampoo``; the parts ``spike_flat_projection`` and
+  ``spike_flat_whiten``; spike-and-flat algebra (``SpikeFlat``,
+  ``spike_flat_apply``, …); Newton–Schulz orthogonalization as a function
+  (``newton_schulz_orthogonalize``), a part (``orthogonalize``) and an optax
+  transformation (``scale_by_newton_schulz``).
 
 Routing (:mod:`kl_optax.routing`)
   ``kron_labels`` and ``exclude``: which leaves get a Kronecker preconditioner.
@@ -26,6 +33,13 @@ from kl_optax.compose import (
     kron_transform,
     plan_tensors,
     refresh_counts,
+)
+from kl_optax.newton_schulz import (
+    EXACT_COEFFICIENTS,
+    MUON_COEFFICIENTS,
+    newton_schulz_orthogonalize,
+    orthogonalize,
+    scale_by_newton_schulz,
 )
 from kl_optax.parts import (
     KronState,
@@ -44,13 +58,26 @@ from kl_optax.parts import (
     shampoo_factor_update,
     whiten,
 )
+from kl_optax.pro import (
+    SpikeFlat,
+    restricted_mode,
+    spike_flat_apply,
+    spike_flat_dense,
+    spike_flat_moment_match,
+    spike_flat_projection,
+    spike_flat_reexpress,
+    spike_flat_whiten,
+)
 from kl_optax.recipes import (
     eshampoo,
     kl_shampoo,
     kl_soap,
+    pro_kl_shampoo,
+    pro_labels,
     scale_by_eshampoo,
     scale_by_kl_shampoo,
     scale_by_kl_soap,
+    scale_by_pro_kl_shampoo,
     scale_by_shampoo,
     scale_by_soap,
     shampoo,
@@ -62,9 +89,12 @@ from kl_optax.routing import exclude, kron_labels
 __version__ = "0.1.0"
 
 __all__ = [
+    "EXACT_COEFFICIENTS",
     "KronState",
     "KronTransformState",
+    "MUON_COEFFICIENTS",
     "Part",
+    "SpikeFlat",
     "TensorStep",
     "adam_grafting",
     "adam_in_eigenbasis",
@@ -83,17 +113,30 @@ __all__ = [
     "kron_states",
     "kron_transform",
     "momentum",
+    "newton_schulz_orthogonalize",
+    "orthogonalize",
     "plan_tensors",
+    "pro_kl_shampoo",
+    "pro_labels",
     "qr_basis_refresh",
     "refresh_counts",
+    "restricted_mode",
     "scale_by_eshampoo",
     "scale_by_kl_shampoo",
     "scale_by_kl_soap",
+    "scale_by_newton_schulz",
+    "scale_by_pro_kl_shampoo",
     "scale_by_shampoo",
     "scale_by_soap",
     "shampoo",
     "shampoo_factor_update",
     "soap",
+    "spike_flat_apply",
+    "spike_flat_dense",
+    "spike_flat_moment_match",
+    "spike_flat_projection",
+    "spike_flat_reexpress",
+    "spike_flat_whiten",
     "whiten",
     "with_adam_fallback",
 ]

@@ -223,7 +223,11 @@ def kron_transform(
                 f"shapes ({slots[name].shape} and {value.shape})."
             )
           slots[name] = value
-    return parts_lib.init_kron_state(shape, slots)
+    state = parts_lib.init_kron_state(shape, slots)
+    for p in parts:
+      if p.init_state is not None:
+        state = p.init_state(state)
+    return state
 
   def init_fn(params):
     plan = plan_tensors(params, "kron_transform.init")

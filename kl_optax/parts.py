@@ -122,12 +122,18 @@ class Part(NamedTuple):
     init_slots: ``shape -> {name: array}``, the slots the part owns for a tensor
       of that shape (``None``: no slots).
     name: a short description, used in error messages.
+    init_state: ``KronState -> KronState`` applied to the initial state after
+      the slots are created (``None``: nothing). A part that keeps a mode's
+      factor in another form (:func:`kl_optax.spike_flat_projection`) uses it
+      to replace that mode's dense factor, basis and eigenvalues by empty
+      placeholders.
   """
 
   update: Callable[[TensorStep], TensorStep]
   first_update: Callable[[TensorStep], TensorStep] | None = None
   init_slots: Callable[[Shape], dict[str, jax.Array]] | None = None
   name: str = "part"
+  init_state: Callable[[KronState], KronState] | None = None
 
   def __call__(self, step: TensorStep) -> TensorStep:
     return self.update(step)
@@ -569,6 +575,11 @@ def _static_tolerance(value: Any) -> Any:
   return value
 
 
+def _placeholder(factor: jax.Array) -> bool:
+  """Whether a mode keeps no dense factor (an empty placeholder; see ``Part.init_state``)."""
+  return factor.shape[0] == 0
+
+
 def _refresh_init(shape):
   return {REFRESH_SLOT: jnp.zeros((len(shape),), jnp.int32)}
 
@@ -661,13 +672,18 @@ def qr_basis_refresh(
   plain = tol is None and iters == 1
 
   def first_update(step: TensorStep) -> TensorStep:
-    bases = tuple(kron.eigh_descending(s)[1] for s in step.state.factors)
+    bases = tuple(q if _placeholder(s) else kron.eigh_descending(s)[1]
+                  for s, q in zip(step.state.factors, step.state.bases))
     return step._replace(state=step.state._replace(bases=bases))
 
   def refresh(state: KronState) -> KronState:
     slots = dict(state.slots)
     bases, done = [], []
     for k, (s, q) in enumerate(zip(state.factors, state.bases)):
+      if _placeholder(s):
+        bases.append(q)
+        done.append(jnp.bool_(False))
+        continue
       if sort:
         order = jnp.argsort(-jnp.diagonal(_rotated_basis(s, q)))
         q = q[:, order]
@@ -680,6 +696,8 @@ def qr_basis_refresh(
       ok = jnp.all(jnp.isfinite(q_new))
       bases.append(jnp.where(ok, q_new, q))
       done.append(ok & (n > 0))
+    if rotate_slots and any(_placeholder(s) for s in state.factors):
+      raise ValueError("qr_basis_refresh: rotate_slots needs a dense basis for every mode.")
     for name in rotate_slots:
       slots[name] = kron.project(kron.project_back(slots[name], state.bases), bases)
     slots[REFRESH_SLOT] = slots[REFRESH_SLOT] + jnp.stack(done).astype(jnp.int32)

@@ -11,20 +11,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
 
 from kl_optax import parts as P
 from kl_optax import routing
-from kl_optax.compose import kron_transform
+from kl_optax import pro
+from kl_optax.compose import kron_transform, squeezed_shape
 from kl_optax.validation import check_range
 
 __all__ = [
     "eshampoo",
     "kl_shampoo",
     "kl_soap",
+    "pro_kl_shampoo",
+    "pro_labels",
     "scale_by_eshampoo",
     "scale_by_kl_shampoo",
     "scale_by_kl_soap",
+    "scale_by_pro_kl_shampoo",
     "scale_by_shampoo",
     "scale_by_soap",
     "shampoo",
@@ -775,6 +780,212 @@ def eshampoo(
       scale_by_eshampoo(b1, b2, eps, precondition_frequency,
                         refresh_tolerance=refresh_tolerance,
                         refresh_max_iters=refresh_max_iters, state_dtype=state_dtype),
+      learning_rate, weight_decay, weight_decay_mask,
+      _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
+                adam_eps, adam_weight_decay))
+
+
+SPIKE_FLAT = "spike_flat"
+DENSE = "dense"
+
+
+def pro_labels(tree, rank: int, restricted_side: str = "larger"):
+  """Labels each leaf ``'spike_flat'`` (Pro-KLShampoo factor) or ``'dense'`` (full KL-Shampoo).
+
+  A leaf gets a spike-and-flat factor when its squeezed shape is a matrix
+  whose restricted dim is larger than ``rank``; tensors of order three or
+  more, and matrices with ``rank ≥`` the restricted dim, keep full
+  KL-Shampoo factors.
+
+  Example:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> tree = {'a': jnp.zeros((8, 64)), 'b': jnp.zeros((8, 16)), 'c': jnp.zeros((4, 4, 4))}
+    >>> kl_optax.pro_labels(tree, rank=16)
+    {'a': 'spike_flat', 'b': 'dense', 'c': 'dense'}
+  """
+  def label(leaf):
+    sq = squeezed_shape(leaf.shape)
+    if len(sq) == 2 and sq[pro.restricted_mode(sq, restricted_side)] > rank:
+      return SPIKE_FLAT
+    return DENSE
+
+  return jax.tree.map(label, tree)
+
+
+def scale_by_pro_kl_shampoo(
+    rank: int = 128,
+    b1: Any = 0.9,
+    b2: Any = 0.98,
+    eps: Any = 1e-8,
+    precondition_frequency: Any = 10,
+    complement_scale: Any = None,
+    ns_steps: int = 5,
+    *,
+    init_factor: Any = 0.1,
+    max_clamp: Any = 4000,
+    restricted_side: str = "larger",
+    ns_coefficients: Any = "muon",
+    ns_dtype: Any = None,
+    accumulate: bool = True,
+    refresh_tolerance: Any = None,
+    refresh_max_iters: int | None = None,
+    state_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales updates by Pro-KLShampoo's preconditioner (``ALGORITHMS.md`` §5).
+
+  Each matrix keeps a dense KL-Shampoo factor on one side and a rank-``r``
+  spike-and-flat factor ``U diag(λ) Uᵀ + σ (I − UUᵀ)`` on the other (by
+  default the larger side). Per step ``t ≥ 1``: momentum
+  ``N ← b1 N + (1 − b1) G``; the direction ``Δ∥ + Δ⊥`` of
+  :func:`kl_optax.spike_flat_whiten` (KL whitening in the span of ``U``,
+  ``κ · NS(X)`` on the complement); the statistics of
+  :func:`kl_optax.spike_flat_projection`; the dense basis refresh
+  ``Q_a ← qr(S_a Q_a).Q`` every ``precondition_frequency`` steps. The first
+  update initializes the statistics and returns zero.
+
+  Tensors whose restricted dim is not larger than ``rank`` and tensors of
+  order three or more get the full :func:`scale_by_kl_shampoo` with the same
+  hyperparameters (see :func:`pro_labels`), so ``rank ≥ max dim`` is exactly
+  KL-Shampoo.
+
+  Args:
+    rank: ``r``, tracked directions of the restricted factor (static).
+    b1: momentum keep factor.
+    b2: keep factor of the factors and eigenvalue estimates.
+    eps: added to ``sqrt(λ_a λᵀ)`` (and KL-Shampoo's denominator).
+    precondition_frequency: basis and subspace refresh every this many steps.
+    complement_scale: ``κ`` of the complement direction (``None``: ``√n``;
+      ``"sqrt_complement"``, ``"muon"`` or a number, see
+      :func:`kl_optax.spike_flat_whiten`).
+    ns_steps: Newton–Schulz iterations.
+    init_factor: initial eigenvalue estimate.
+    max_clamp: bound in the eigenvalue floors.
+    restricted_side: ``"larger"`` (default), ``"smaller"``, ``"rows"`` or
+      ``"columns"``: which side of each matrix is restricted.
+    ns_coefficients: ``"muon"`` (default), ``"exact"``, a triple or a schedule.
+    ns_dtype: Newton–Schulz iteration dtype (``"bfloat16"`` on accelerators).
+    accumulate: keep the subspace accumulator ``Y`` (``n × r`` per matrix).
+    refresh_tolerance: adaptive refresh of the dense bases (``ALGORITHMS.md`` §4).
+    refresh_max_iters: QR iterations per adaptive refresh (static).
+    state_dtype: storage dtype of moments, factors and bases.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  rank = routing.resolve_static_int(rank, "rank", 128)
+  check_range("rank", rank, 1.0, None)
+  _check_common(b1, b2, eps, precondition_frequency)
+  check_range("ns_steps", ns_steps, 1.0, None)
+  pro.restricted_mode((2, 2), restricted_side)
+  spike = kron_transform(
+      P.momentum(b1),
+      pro.spike_flat_whiten(eps, complement_scale=complement_scale, ns_steps=ns_steps,
+                            ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
+                            restricted_side=restricted_side),
+      pro.spike_flat_projection(rank, b2, precondition_frequency, init_factor=init_factor,
+                                max_clamp=max_clamp, restricted_side=restricted_side,
+                                accumulate=accumulate),
+      P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
+                         max_iters=refresh_max_iters),
+      state_dtype=state_dtype,
+  )
+  dense = scale_by_kl_shampoo(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
+                              refresh_tolerance=refresh_tolerance,
+                              refresh_max_iters=refresh_max_iters, state_dtype=state_dtype)
+  return optax.partition(
+      {SPIKE_FLAT: spike, DENSE: dense},
+      lambda tree: pro_labels(tree, rank, restricted_side))
+
+
+@_documented
+def pro_kl_shampoo(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    b1: Any = 0.9,
+    b2: Any = 0.98,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.01,
+    precondition_frequency: Any = 10,
+    complement_scale: Any = None,
+    ns_steps: int = 5,
+    *,
+    init_factor: Any = 0.1,
+    max_clamp: Any = 4000,
+    restricted_side: str = "larger",
+    ns_coefficients: Any = "muon",
+    ns_dtype: Any = None,
+    accumulate: bool = True,
+    weight_decay_mask: Any = None,
+    precondition_mask: Any = None,
+    max_precond_dim: int | None = None,
+    refresh_tolerance: Any = None,
+    refresh_max_iters: int | None = None,
+    state_dtype: Any = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: Any = 0.9,
+    adam_b2: Any = 0.999,
+    adam_eps: Any = 1e-8,
+    adam_weight_decay: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Pro-KLShampoo: KL-Shampoo with a spike-and-flat factor and an orthogonalized complement.
+
+  Preconditioned leaves get ``−learning_rate · (U + weight_decay · W)`` with
+  ``U`` from :func:`scale_by_pro_kl_shampoo`; every other leaf gets AdamW.
+  Matrices whose restricted side is at most ``rank`` (and tensors of order
+  three or more) get full KL-Shampoo.
+
+  The method is reconstructed from the paper's abstract and KL-Shampoo's
+  math (``ALGORITHMS.md`` §5); the choices the abstract leaves open are
+  options: ``complement_scale``, ``restricted_side``, ``accumulate``,
+  ``ns_coefficients``.
+
+  {routing}
+
+  Args:
+    learning_rate: a float or an ``optax`` schedule.
+    rank: tracked directions of the restricted factor (static).
+    b1: momentum keep factor.
+    b2: keep factor of the factors and eigenvalue estimates.
+    eps: added to the whitening denominator.
+    weight_decay: decoupled weight decay (every step, the first included).
+    precondition_frequency: basis and subspace refresh every this many steps.
+    complement_scale: ``κ`` of the complement direction (``None``: ``√n``).
+    ns_steps: Newton–Schulz iterations.
+    init_factor: initial eigenvalue estimate.
+    max_clamp: bound in the eigenvalue floors.
+    restricted_side: which side of each matrix is restricted (``"larger"``).
+    ns_coefficients: Newton–Schulz coefficients (``"muon"``, ``"exact"``, …).
+    ns_dtype: Newton–Schulz iteration dtype.
+    accumulate: keep the subspace accumulator (``n × r`` per matrix).
+    {fallback_args}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, kl_optax
+    >>> params = {'w': jnp.zeros((8, 32)), 'b': jnp.zeros((32,))}
+    >>> tx = kl_optax.pro_kl_shampoo(learning_rate=3e-3, rank=4)
+    >>> state = tx.init(params)
+    >>> x = jax.random.normal(jax.random.key(0), (16, 8))
+    >>> loss = lambda p: jnp.mean((x @ p['w'] + p['b'] - 1.0) ** 2)
+    >>> for _ in range(5):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss(params) < 1.0)
+    True
+
+  References:
+    Sun & Wei, `Pro-KLShampoo: Projected KL-Shampoo with Whitening Recovered by
+    Orthogonalization <https://arxiv.org/abs/2605.06316>`_, 2026.
+  """
+  return _complete(
+      scale_by_pro_kl_shampoo(
+          rank, b1, b2, eps, precondition_frequency, complement_scale, ns_steps,
+          init_factor=init_factor, max_clamp=max_clamp, restricted_side=restricted_side,
+          ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, accumulate=accumulate,
+          refresh_tolerance=refresh_tolerance, refresh_max_iters=refresh_max_iters,
+          state_dtype=state_dtype),
       learning_rate, weight_decay, weight_decay_mask,
       _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
                 adam_eps, adam_weight_decay))

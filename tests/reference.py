@@ -328,3 +328,139 @@ class EShampooReference(_EigenbasisReference):
           iters += 1
         self.refreshes[k] += iters > 0
     return u
+
+
+MUON = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(x, coefficients=MUON, steps=5, eps=1e-7):
+  """ALGORITHMS.md §6 in float64: normalize, wide orientation, odd quintic steps."""
+  x = np.asarray(x, np.float64)
+  tall = x.shape[0] > x.shape[1]
+  y = x.T if tall else x
+  y = y / (np.linalg.norm(y) + eps)
+  a, b, c = coefficients
+  for _ in range(steps):
+    gram = y @ y.T
+    y = a * y + (b * gram + c * gram @ gram) @ y
+  return y.T if tall else y
+
+
+def polar(x):
+  u, _, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
+  return u @ vt
+
+
+class ProKLShampooReference:
+  """Pro-KLShampoo, ALGORITHMS.md §5, with dense n×n matrices and explicit inverses.
+
+  The restricted factor is built as a dense ``R̂`` and inverted with
+  ``np.linalg.inv``; λ and σ are re-expressed after a subspace refresh as
+  ``diag(U_newᵀ R̂ U_new)`` and ``tr((I − U_new U_newᵀ) R̂)/(n − r)``.
+  """
+
+  def __init__(self, shape, *, lr, rank, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
+               precondition_frequency=10, init_factor=0.1, max_clamp=4000,
+               complement_scale=None, ns_steps=5, ns_coefficients=MUON,
+               restricted_side="larger", accumulate=True):
+    self.shape = tuple(shape)
+    m0, n0 = shape
+    if restricted_side == "larger":
+      self.transpose = m0 > n0
+    else:
+      assert restricted_side == "smaller"
+      self.transpose = n0 > m0
+    self.m, self.n = (n0, m0) if self.transpose else (m0, n0)
+    self.r = rank
+    self.lr, self.b1, self.b2, self.eps, self.wd = lr, b1, b2, eps, weight_decay
+    self.freq, self.init_factor, self.max_clamp = precondition_frequency, init_factor, max_clamp
+    self.kappa = np.sqrt(self.n) if complement_scale is None else complement_scale
+    self.ns_steps, self.ns_coefficients = ns_steps, ns_coefficients
+    self.accumulate = accumulate
+    self.t = None
+    self.last_update = None
+
+  def floor(self, d):
+    c = max(10.0, min(d, self.max_clamp))
+    return 1.0 / c**2
+
+  def r_hat(self, u=None, lam=None, sigma=None):
+    u = self.U if u is None else u
+    lam = self.lam if lam is None else lam
+    sigma = self.sigma if sigma is None else sigma
+    return u @ np.diag(lam) @ u.T + sigma * (np.eye(self.n) - u @ u.T)
+
+  def orient(self, x):
+    return x.T if self.transpose else x
+
+  def set_bases(self, state_q, state_s):
+    """Adopts the dense factor and basis after the initialization step (see KLShampooReference)."""
+    (q,) = [x for x in state_q if x.shape[0] > 0]
+    (s,) = [x for x in state_s if x.shape[0] > 0]
+    self.Q, self.S = np.array(q, np.float64), np.array(s, np.float64)
+
+  def initialize(self, g):
+    m, n = self.m, self.n
+    self.S = (1 - self.b2) / n * g @ g.T
+    self.Q = eigh_descending(self.S)[1]
+    self.lam_a = np.full(m, float(self.init_factor))
+    self.U = eigh_descending(g.T @ g / m)[1][:, : self.r]
+    self.lam = np.full(self.r, float(self.init_factor))
+    self.sigma = float(self.init_factor)
+    self.Y = self.U * self.lam
+    self.N = np.zeros((m, n))
+    self.t = 0
+
+  def direction(self):
+    c = self.N @ self.U
+    x = self.N - c @ self.U.T
+    d = np.sqrt(np.outer(self.lam_a, self.lam)) + self.eps
+    par = self.Q @ ((self.Q.T @ c) / d) @ self.U.T
+    perp = self.kappa * newton_schulz(x, self.ns_coefficients, self.ns_steps)
+    perp = perp - perp @ self.U @ self.U.T
+    return par + perp
+
+  def statistics(self, g):
+    m, n, r = self.m, self.n, self.r
+    inc = g @ np.linalg.inv(self.r_hat()) @ g.T / n
+    delta_a = np.diag(self.Q.T @ inc @ self.Q)
+    w = np.diag(self.lam_a**-0.5) @ self.Q.T @ g
+    sample = w.T @ w / m  # one-sample right factor
+    spike = np.diag(self.U.T @ sample @ self.U)
+    flat = (np.trace(sample) - spike.sum()) / (n - r)
+    power = sample @ self.U
+    self.S = self.b2 * self.S + (1 - self.b2) * inc
+    self.lam_a = np.maximum(self.b2 * self.lam_a + (1 - self.b2) * delta_a, self.floor(m))
+    if self.accumulate:
+      self.Y = self.b2 * self.Y + (1 - self.b2) * power
+    else:
+      self.Y = self.b2 * self.U * self.lam + (1 - self.b2) * power
+    self.lam = np.maximum(self.b2 * self.lam + (1 - self.b2) * spike, self.floor(n))
+    self.sigma = max(self.b2 * self.sigma + (1 - self.b2) * flat, self.floor(n))
+
+  def refresh(self):
+    u_new = np.linalg.qr(self.Y)[0]
+    dense = self.r_hat()
+    lam = np.diag(u_new.T @ dense @ u_new)
+    sigma = np.trace((np.eye(self.n) - u_new @ u_new.T) @ dense) / (self.n - self.r)
+    self.U = u_new
+    self.lam = np.maximum(lam, self.floor(self.n))
+    self.sigma = max(sigma, self.floor(self.n))
+    self.Y = self.U * self.lam
+    self.Q = np.linalg.qr(self.S @ self.Q)[0]
+
+  def step(self, w, g):
+    g = self.orient(np.asarray(g, np.float64))
+    if self.t is None:
+      self.initialize(g)
+      u = np.zeros((self.m, self.n))
+    else:
+      self.t += 1
+      self.N = self.b1 * self.N + (1 - self.b1) * g
+      u = self.direction()
+      self.statistics(g)
+      if self.t % self.freq == 0:
+        self.refresh()
+    u = self.orient(u)
+    self.last_update = u
+    return w - self.lr * (u + self.wd * w)

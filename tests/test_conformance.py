@@ -19,7 +19,11 @@ RECIPES = [
     ("soap", {"learning_rate": 1e-2}),
     ("shampoo", {"learning_rate": 1e-2}),
     ("eshampoo", {"learning_rate": 1e-2}),
+    # rank 2 < 4: the (3, 4) leaf gets a spike-and-flat factor, the 3-D leaf full KL-Shampoo.
+    ("pro_kl_shampoo", {"learning_rate": 1e-2, "rank": 2}),
 ]
+# Arguments that decide shapes and must stay static under optax.inject_hyperparams.
+STATIC_ARGS = {"pro_kl_shampoo": ("rank",)}
 IDS = [r[0] for r in RECIPES]
 
 
@@ -111,7 +115,8 @@ def test_converges_on_small_problems(name, kwargs):
 def test_inject_hyperparams_gives_identical_updates(name, kwargs):
   factory = _factory(name)
   opt = factory(**kwargs)
-  opt_inject = optax.inject_hyperparams(factory)(**kwargs)
+  opt_inject = optax.inject_hyperparams(
+      factory, static_args=STATIC_ARGS.get(name, ()))(**kwargs)
   params = _mixed_params()
   grads = jax.grad(_mixed_loss)(params)
   state, state_inject = jax.jit(opt.init)(params), jax.jit(opt_inject.init)(params)

@@ -45,7 +45,10 @@ class Problem:
 
 def kron_group(opt_state):
   """The stacked KronState of the single preconditioned leaf in a recipe's state."""
-  return kl_optax.kron_states(opt_state)[0].groups[0]
+  groups = [g for st in kl_optax.kron_states(opt_state) if isinstance(st.groups, tuple)
+            for g in st.groups]
+  assert len(groups) == 1, len(groups)
+  return groups[0]
 
 
 def run(tx, ref, shape, *, steps, share_initial_basis=False, seed=0):

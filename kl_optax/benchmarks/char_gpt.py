@@ -78,7 +78,7 @@ def _parse(argv):
   p.add_argument("--max-extend", type=int, default=3)
   p.add_argument("--timing-calls", type=int, default=30)
   p.add_argument("--kl-init-factor", type=float, default=None,
-                 help="init_factor of kl_shampoo and kl_soap (default: the recipes' 0.1)")
+                 help="init_factor of kl_shampoo, kl_soap and pro_kl_shampoo (default: the recipes' 0.1)")
   p.add_argument("--out", default="runs/char_gpt")
   return p.parse_args(argv)
 
@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
     base = n.split("@")[0]
     if base not in OPTIMIZERS:
       raise SystemExit(f"unknown optimizer {base!r}; known: {sorted(OPTIMIZERS)}")
-    if args.kl_init_factor is not None and base in ("kl_shampoo", "kl_soap"):
+    if args.kl_init_factor is not None and base in ("kl_shampoo", "kl_soap", "pro_kl_shampoo"):
       kwargs[n].setdefault("init_factor", args.kl_init_factor)
 
   print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
@@ -186,9 +186,10 @@ def main(argv=None) -> dict:
         counts = kl_optax.refresh_counts(run.opt_state)
         if counts:
           freq = kwargs[name].get("precondition_frequency", 10)
+          # Updates t = 0 (initialization) … steps − 1; refreshes at t = freq, 2 freq, ….
           results[lr]["refreshes"] = int(sum(np.asarray(c).sum() for c in counts.values()))
           results[lr]["refresh_opportunities"] = int(
-              sum(np.asarray(c).size for c in counts.values()) * (args.steps // freq))
+              sum(np.asarray(c).size for c in counts.values()) * ((args.steps - 1) // freq))
         print(f"{name:>12s} lr {lr:<9.3g} val {run.final_val:.4f}  "
               f"step {1e3 * run.median_step:6.1f} ms  ({time.perf_counter() - t0:.0f}s)", flush=True)
       finals = [results[lr]["final_val"] if not results[lr]["diverged"] else math.inf for lr in grid]

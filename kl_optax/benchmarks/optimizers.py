@@ -53,6 +53,7 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "soap": _kronecker(kl_optax.soap),
     "shampoo": _kronecker(kl_optax.shampoo),
     "eshampoo": _kronecker(kl_optax.eshampoo),
+    "pro_kl_shampoo": _kronecker(kl_optax.pro_kl_shampoo),
 }
 
 

@@ -1,0 +1,467 @@
+r"""Pro-KLShampoo: one spike-and-flat factor, whitening recovered by orthogonalization.
+
+``ALGORITHMS.md`` §5 (a reconstruction from the paper's abstract and
+KL-Shampoo's math). For a matrix ``G`` (``m × n`` once oriented so that the
+restricted side is the column side) KL-Shampoo's right factor is restricted to
+
+.. math::
+
+   \hat R = U \operatorname{diag}(\lambda) U^\top + \sigma (I - U U^\top),
+   \qquad U \in \mathbb{R}^{n \times r},\ U^\top U = I,
+
+a *spike* of ``r`` tracked directions and a *flat* remainder. Every power of
+``R̂`` has the same form (:func:`spike_flat_apply`), so no ``n × n`` matrix is
+ever built. The left factor stays a dense KL-Shampoo factor.
+
+The direction splits the momentum ``N`` into its part in the span of ``U``,
+whitened from both sides exactly as KL-Shampoo would, and the complement
+``X = N (I − UUᵀ)``, which is orthogonalized: with the one-sample left factor
+``L = X Xᵀ / (σ n)``, KL whitening ``L^{-1/2} X σ^{-1/2}`` *is* ``√n · polar(X)``
+(σ cancels), and Newton–Schulz computes the polar factor without any
+decomposition.
+
+State per restricted tensor, beside the dense left factor's ``S_a``, ``Q_a``,
+``λ_a`` and the momentum: ``U`` (slot ``'spike_basis'``, ``n × r``), ``λ``
+(``'spike_eigvals'``, ``r``), ``σ`` (``'flat'``, a scalar) and, optionally, the
+subspace accumulator ``Y`` (``'spike_sketch'``, ``n × r``). The restricted
+mode's dense factor, basis and eigenvalues in :class:`~kl_optax.KronState` are
+empty placeholders.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kl_optax import kron
+from kl_optax.newton_schulz import newton_schulz_coefficients, newton_schulz_orthogonalize
+from kl_optax.parts import (
+    REFRESH_SLOT,
+    KronState,
+    Part,
+    TensorStep,
+    _f32,
+    _with_slot,
+    clamp_floor,
+)
+
+__all__ = [
+    "BASIS_SLOT",
+    "EIGVALS_SLOT",
+    "FLAT_SLOT",
+    "SKETCH_SLOT",
+    "SpikeFlat",
+    "restricted_mode",
+    "spike_flat_apply",
+    "spike_flat_dense",
+    "spike_flat_moment_match",
+    "spike_flat_projection",
+    "spike_flat_reexpress",
+    "spike_flat_whiten",
+]
+
+BASIS_SLOT = "spike_basis"
+EIGVALS_SLOT = "spike_eigvals"
+FLAT_SLOT = "flat"
+SKETCH_SLOT = "spike_sketch"
+
+_HI = kron.HIGHEST
+
+
+def _mm(a, b):
+  return jnp.matmul(a, b, precision=_HI)
+
+
+class SpikeFlat(NamedTuple):
+  """``R̂ = U diag(λ) Uᵀ + σ (I − U Uᵀ)`` (``U``: ``n × r`` orthonormal columns)."""
+
+  basis: jax.Array
+  eigvals: jax.Array
+  flat: jax.Array
+
+
+def spike_flat_apply(x: jax.Array, sf: SpikeFlat, power: Any = 1.0) -> jax.Array:
+  r"""``x R̂^p`` for ``x`` of shape ``(..., n)``, in ``O(n r)`` per row.
+
+  ``R̂^p = U diag(λ^p) Uᵀ + σ^p (I − UUᵀ)``, so
+  ``x R̂^p = (xU) diag(λ^p) Uᵀ + σ^p (x − (xU) Uᵀ)``.
+
+  Example:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> sf = kl_optax.SpikeFlat(jnp.eye(4)[:, :1], jnp.array([4.0]), jnp.array(1.0))
+    >>> kl_optax.spike_flat_apply(jnp.ones((1, 4)), sf, -0.5).tolist()
+    [[0.5, 1.0, 1.0, 1.0]]
+  """
+  p = jnp.asarray(power, jnp.promote_types(sf.eigvals.dtype, jnp.float32))
+  xu = _mm(x, sf.basis)
+  spike = _mm(xu * jnp.power(sf.eigvals, p), sf.basis.T)
+  return spike + jnp.power(sf.flat, p) * (x - _mm(xu, sf.basis.T))
+
+
+def spike_flat_dense(sf: SpikeFlat) -> jax.Array:
+  """The ``n × n`` matrix ``R̂`` (for tests and inspection; the optimizer never builds it)."""
+  n = sf.basis.shape[0]
+  return spike_flat_apply(jnp.eye(n, dtype=sf.basis.dtype), sf)
+
+
+def spike_flat_moment_match(a: jax.Array, basis: jax.Array) -> SpikeFlat:
+  r"""The member of the family closest to ``A`` in KL for a fixed ``U``.
+
+  Minimizing ``KL(N(0, A) ‖ N(0, R̂))`` over ``λ`` and ``σ`` matches moments:
+  ``λ = diag(Uᵀ A U)`` and ``σ = tr((I − UUᵀ) A) / (n − r)``, so that
+  ``tr R̂ = tr A``.
+  """
+  n, r = basis.shape
+  au = _mm(a, basis)
+  lam = jnp.sum(basis * au, axis=0)
+  sigma = (jnp.trace(a) - jnp.sum(lam)) / (n - r)
+  return SpikeFlat(basis, lam, sigma)
+
+
+def spike_flat_reexpress(sf: SpikeFlat, new_basis: jax.Array) -> SpikeFlat:
+  r"""``R̂`` moment-matched onto a new basis, keeping the trace.
+
+  With ``c = U_oldᵀ U_new``: ``λ_new,i = Σ_j c_ji² λ_j + σ (1 − Σ_j c_ji²)``
+  (``= u_iᵀ R̂ u_i``) and ``σ_new = (tr R̂ − Σ λ_new) / (n − r)``.
+  """
+  n, r = sf.basis.shape
+  c2 = jnp.square(_mm(sf.basis.T, new_basis))
+  col = jnp.sum(c2, axis=0)
+  lam = jnp.sum(c2 * sf.eigvals[:, None], axis=0) + sf.flat * (1.0 - col)
+  trace = jnp.sum(sf.eigvals) + sf.flat * (n - r)
+  sigma = (trace - jnp.sum(lam)) / (n - r)
+  return SpikeFlat(new_basis, lam, sigma)
+
+
+# ----------------------------------------------------------------------------
+# Orientation
+# ----------------------------------------------------------------------------
+
+_SIDES = ("larger", "smaller", "rows", "columns")
+
+
+def restricted_mode(shape: tuple[int, ...], side: str = "larger") -> int:
+  """Which mode of a matrix of this shape carries the spike-and-flat factor.
+
+  ``side``: ``"larger"`` (the default: the larger dim, the columns on a tie),
+  ``"smaller"``, ``"rows"`` or ``"columns"``.
+  """
+  if side not in _SIDES:
+    raise ValueError(f"restricted_side must be one of {_SIDES}, got {side!r}.")
+  if len(shape) != 2:
+    raise ValueError(f"a spike-and-flat factor needs a matrix, got shape {tuple(shape)}.")
+  m, n = shape
+  if side == "larger":
+    return 1 if n >= m else 0
+  if side == "smaller":
+    return 1 if n < m else 0
+  return 0 if side == "rows" else 1
+
+
+def _orient(x: jax.Array, mode: int) -> jax.Array:
+  """The working view ``m × n`` with the restricted side as columns."""
+  return x if mode == 1 else x.T
+
+
+def _spike_flat(state: KronState) -> SpikeFlat:
+  s = state.slots
+  return SpikeFlat(s[BASIS_SLOT], s[EIGVALS_SLOT], s[FLAT_SLOT])
+
+
+def _with_spike_flat(state: KronState, sf: SpikeFlat) -> KronState:
+  state = _with_slot(state, BASIS_SLOT, sf.basis)
+  state = _with_slot(state, EIGVALS_SLOT, sf.eigvals)
+  return _with_slot(state, FLAT_SLOT, sf.flat)
+
+
+def _check_rank(shape, mode, rank):
+  n = shape[mode]
+  if not 1 <= rank < n:
+    raise ValueError(
+        f"spike-and-flat factor of rank {rank} for a dim of size {n} (tensor shape "
+        f"{tuple(shape)}): the rank must be ≥ 1 and below the restricted dim. The "
+        "recipes give such tensors full KL-Shampoo factors.")
+
+
+# ----------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------
+
+
+def spike_flat_projection(
+    rank: int = 128,
+    b2: Any = 0.98,
+    precondition_frequency: Any = 10,
+    *,
+    init_factor: Any = 0.1,
+    max_clamp: Any = 4000,
+    restricted_side: str = "larger",
+    accumulate: bool = True,
+) -> Part:
+  r"""Pro-KLShampoo's statistics: a dense left factor and a spike-and-flat right factor.
+
+  In the working orientation (``G`` is ``m × n`` with the restricted side
+  as columns; see :func:`restricted_mode`), with the *current* ``Q_a``,
+  ``λ_a``, ``U``, ``λ``, ``σ`` (Jacobi order, as in KL-Shampoo):
+
+  1. Left factor, with ``R̂⁻¹`` in closed form and ``Z = G U``:
+     ``G R̂⁻¹ Gᵀ = Z diag(λ⁻¹) Zᵀ + σ⁻¹ (G Gᵀ − Z Zᵀ)``;
+     ``S_a ← b2 S_a + (1 − b2)/n · G R̂⁻¹ Gᵀ`` and
+     ``λ_a ← b2 λ_a + (1 − b2) diag(Q_aᵀ · G R̂⁻¹ Gᵀ/n · Q_a)``.
+  2. Right factor by moment matching, ``W = diag(λ_a)^{-1/2} Q_aᵀ G``:
+     ``λ ← b2 λ + (1 − b2) colsq(W U)/m`` and
+     ``σ ← b2 σ + (1 − b2)(‖W‖_F² − ‖W U‖_F²)/(m (n − r))``.
+  3. Subspace: ``Y ← b2 Y + (1 − b2) Wᵀ (W U)/m`` (a power step on the
+     right factor's average). On steps with ``t mod precondition_frequency
+     == 0``: ``U_new = qr(Y).Q``, ``λ`` and ``σ`` re-expressed in the new
+     basis keeping the trace (:func:`spike_flat_reexpress`), ``Y`` reset to
+     ``U_new diag(λ_new)``. With ``accumulate=False`` no ``Y`` is stored and
+     the refresh uses ``b2 U diag(λ) + (1 − b2) Wᵀ(WU)/m`` of that step
+     (saving ``n r`` floats per tensor).
+
+  Floors: ``λ_a ≥ 1/c_m²``, ``λ, σ ≥ 1/c_n²`` with ``c_d = max(10, min(d,
+  max_clamp))``; a non-finite estimate or basis is never stored (the previous
+  value is kept). The dense basis ``Q_a`` is refreshed by a following
+  :func:`~kl_optax.qr_basis_refresh`, which skips the restricted mode; this
+  part counts its own subspace refreshes in ``'refreshes'``.
+
+  Initialization step: ``S_a = (1 − b2)/n · G Gᵀ``; ``U`` = the top-``r``
+  right singular vectors of ``G`` (the top eigenvectors of ``GᵀG/m``, found
+  from the ``m × m`` Gram matrix and completed by QR when ``r`` exceeds
+  ``G``'s rank); ``λ_a = λ = σ = init_factor``; ``Y = U diag(λ)``.
+
+  Args:
+    rank: ``r``, the number of tracked directions (static; ``1 ≤ r < n``).
+    b2: keep factor of every average.
+    precondition_frequency: subspace refresh every this many steps.
+    init_factor: initial eigenvalue estimate of both factors.
+    max_clamp: bound in the eigenvalue floors.
+    restricted_side: which side of each matrix is restricted (see
+      :func:`restricted_mode`).
+    accumulate: keep the subspace accumulator ``Y``.
+
+  Returns:
+    A :class:`~kl_optax.Part` for matrices. It writes the dense mode's
+    factor and eigenvalues and owns the slots named in the module docstring.
+  """
+  rank = int(rank)
+  if rank < 1:
+    raise ValueError(f"rank must be ≥ 1, got {rank}.")
+  restricted_mode((2, 2), restricted_side)  # validate the option now
+
+  def modes(shape):
+    mode = restricted_mode(shape, restricted_side)
+    return mode, 1 - mode
+
+  def init_slots(shape):
+    mode, _ = modes(shape)
+    _check_rank(shape, mode, rank)
+    n = shape[mode]
+    f32 = jnp.float32
+    slots = {
+        BASIS_SLOT: jnp.eye(n, rank, dtype=f32),
+        EIGVALS_SLOT: jnp.ones((rank,), f32),
+        FLAT_SLOT: jnp.ones((), f32),
+        REFRESH_SLOT: jnp.zeros((2,), jnp.int32),
+    }
+    if accumulate:
+      slots[SKETCH_SLOT] = jnp.zeros((n, rank), f32)
+    return slots
+
+  def init_state(state: KronState) -> KronState:
+    shape = tuple(f.shape[-1] for f in state.factors)
+    mode, _ = modes(shape)
+    n = shape[mode]
+    factors, bases, eigvals = list(state.factors), list(state.bases), list(state.eigvals)
+    factors[mode] = jnp.zeros((0, n), jnp.float32)
+    bases[mode] = jnp.zeros((0, n), jnp.float32)
+    eigvals[mode] = jnp.zeros((0,), jnp.float32)
+    return state._replace(factors=tuple(factors), bases=tuple(bases), eigvals=tuple(eigvals))
+
+  def first_update(step: TensorStep) -> TensorStep:
+    st = step.state
+    mode, dense = modes(step.grad.shape)
+    g = _orient(step.grad, mode)
+    m, n = g.shape
+    gram = _mm(g, g.T)
+    _, v = kron.eigh_descending(gram)
+    k = min(rank, m)
+    top = _mm(g.T, v[:, :k])
+    if k < rank:
+      top = jnp.concatenate([top, jnp.eye(n, rank - k, dtype=top.dtype)], axis=1)
+    basis = kron.qr_orthonormal(top)
+    init = _f32(init_factor)
+    sf = SpikeFlat(basis, jnp.full((rank,), init), init)
+    factors, eigvals = list(st.factors), list(st.eigvals)
+    factors[dense] = (1.0 - _f32(b2)) / n * gram
+    eigvals[dense] = jnp.full((m,), init)
+    st = _with_spike_flat(st._replace(factors=tuple(factors), eigvals=tuple(eigvals)), sf)
+    if accumulate:
+      st = _with_slot(st, SKETCH_SLOT, basis * sf.eigvals)
+    return step._replace(state=st)
+
+  def refresh(args):
+    st, sketch = args
+    sf = _spike_flat(st)
+    new_basis = kron.qr_orthonormal(sketch)
+    new = spike_flat_reexpress(sf, new_basis)
+    n = sf.basis.shape[0]
+    floor = clamp_floor(n, max_clamp)
+    new = new._replace(eigvals=jnp.maximum(new.eigvals, floor),
+                       flat=jnp.maximum(new.flat, floor))
+    ok = (jnp.all(jnp.isfinite(new.basis)) & jnp.all(jnp.isfinite(new.eigvals))
+          & jnp.isfinite(new.flat))
+    new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, sf)
+    st = _with_spike_flat(st, new)
+    if accumulate:
+      st = _with_slot(st, SKETCH_SLOT, new.basis * new.eigvals)
+    mode = restricted_mode(tuple(f.shape[-1] for f in st.factors), restricted_side)
+    bump = jnp.zeros((2,), jnp.int32).at[mode].set(ok.astype(jnp.int32))
+    return _with_slot(st, REFRESH_SLOT, st.slots[REFRESH_SLOT] + bump)
+
+  def update(step: TensorStep) -> TensorStep:
+    st = step.state
+    mode, dense = modes(step.grad.shape)
+    g = _orient(step.grad, mode)
+    m, n = g.shape
+    beta = _f32(b2)
+    sf = _spike_flat(st)
+    qa, lam_a = st.bases[dense], st.eigvals[dense]
+
+    # 1. Left factor with R̂⁻¹ in closed form (old λ, σ, U, Q_a, λ_a).
+    z = _mm(g, sf.basis)
+    gram = _mm(g, g.T)
+    zz = _mm(z, z.T)
+    inc = (_mm(z / sf.eigvals, z.T) + (gram - zz) / sf.flat) / n
+    ga = _mm(qa.T, g)
+    za = _mm(ga, sf.basis)
+    za2 = jnp.square(za)
+    delta_a = (jnp.sum(za2 / sf.eigvals, axis=1)
+               + (jnp.sum(jnp.square(ga), axis=1) - jnp.sum(za2, axis=1)) / sf.flat) / n
+    new_lam_a = jnp.maximum(beta * lam_a + (1.0 - beta) * delta_a, clamp_floor(m, max_clamp))
+    new_lam_a = jnp.where(jnp.isfinite(new_lam_a), new_lam_a, lam_a)
+    new_s_a = beta * st.factors[dense] + (1.0 - beta) * inc
+    new_s_a = jnp.where(jnp.all(jnp.isfinite(new_s_a)), new_s_a, st.factors[dense])
+
+    # 2. Right factor by moment matching, W = diag(λ_a)^{-1/2} Q_aᵀ G.
+    inv_sqrt = jax.lax.rsqrt(lam_a)[:, None]
+    wu = za * inv_sqrt
+    w_sq = jnp.sum(jnp.square(ga * inv_sqrt))
+    wu_col = jnp.sum(jnp.square(wu), axis=0)
+    floor_n = clamp_floor(n, max_clamp)
+    lam = jnp.maximum(beta * sf.eigvals + (1.0 - beta) * wu_col / m, floor_n)
+    sigma = beta * sf.flat + (1.0 - beta) * (w_sq - jnp.sum(wu_col)) / (m * (n - rank))
+    sigma = jnp.maximum(sigma, floor_n)
+    lam = jnp.where(jnp.isfinite(lam), lam, sf.eigvals)
+    sigma = jnp.where(jnp.isfinite(sigma), sigma, sf.flat)
+
+    # 3. Subspace accumulator: a power step Wᵀ(WU)/m on the current U.
+    w = ga * inv_sqrt
+    power = _mm(w.T, wu) / m
+    if accumulate:
+      sketch = beta * st.slots[SKETCH_SLOT] + (1.0 - beta) * power
+      sketch = jnp.where(jnp.all(jnp.isfinite(sketch)), sketch, st.slots[SKETCH_SLOT])
+    else:
+      sketch = beta * sf.basis * sf.eigvals + (1.0 - beta) * power
+
+    factors, eigvals = list(st.factors), list(st.eigvals)
+    factors[dense], eigvals[dense] = new_s_a, new_lam_a
+    st = st._replace(factors=tuple(factors), eigvals=tuple(eigvals))
+    st = _with_spike_flat(st, SpikeFlat(sf.basis, lam, sigma))
+    if accumulate:
+      st = _with_slot(st, SKETCH_SLOT, sketch)
+    due = (step.count % precondition_frequency) == 0
+    st = jax.lax.cond(due, refresh, lambda a: a[0], (st, sketch))
+    return step._replace(state=st)
+
+  return Part(update=update, first_update=first_update, init_slots=init_slots,
+              init_state=init_state, name="spike_flat_projection")
+
+
+# ----------------------------------------------------------------------------
+# Direction
+# ----------------------------------------------------------------------------
+
+_COMPLEMENT_SCALES = ("sqrt_n", "sqrt_complement", "muon")
+
+
+def complement_scale_value(complement_scale: Any, m: int, n: int, rank: int) -> Any:
+  """``κ`` for an ``m × n`` working matrix: ``None``/``"sqrt_n"`` → ``√n``,
+  ``"sqrt_complement"`` → ``√(n − r)``, ``"muon"`` → ``√max(1, m/n)``, a number → itself."""
+  if complement_scale is None or complement_scale == "sqrt_n":
+    return float(n) ** 0.5
+  if isinstance(complement_scale, str):
+    if complement_scale == "sqrt_complement":
+      return float(n - rank) ** 0.5
+    if complement_scale == "muon":
+      return max(1.0, m / n) ** 0.5
+    raise ValueError(
+        f"complement_scale must be None, a number or one of {_COMPLEMENT_SCALES}, "
+        f"got {complement_scale!r}.")
+  return complement_scale
+
+
+def spike_flat_whiten(
+    eps: Any = 1e-8,
+    *,
+    complement_scale: Any = None,
+    ns_steps: int = 5,
+    ns_coefficients: Any = "muon",
+    ns_dtype: Any = None,
+    restricted_side: str = "larger",
+) -> Part:
+  r"""Pro-KLShampoo's direction from the running update ``N`` (the momentum).
+
+  In the working orientation (``m × n``, restricted side as columns):
+
+  * split ``C = N U``, ``X = N − C Uᵀ``;
+  * subspace part, whitened from both sides as in KL-Shampoo:
+    ``Δ∥ = Q_a [ (Q_aᵀ C) ⊘ (sqrt(λ_a λᵀ) + eps) ] Uᵀ``;
+  * complement part, orthogonalized: ``Δ⊥ = κ · NS(X)``, re-projected
+    ``Δ⊥ ← Δ⊥ − (Δ⊥ U) Uᵀ`` (Newton–Schulz is only approximately
+    range-preserving);
+  * ``Δ = Δ∥ + Δ⊥``.
+
+  ``κ`` (``complement_scale``): ``None`` or ``"sqrt_n"`` gives ``√n``, the
+  scale at which ``κ · polar(X)`` equals KL whitening of ``X`` with a
+  one-sample left factor; ``"sqrt_complement"`` gives ``√(n − r)``,
+  ``"muon"`` Muon's ``√max(1, m/n)``; a number is used as is.
+
+  Args:
+    eps: added to ``sqrt(λ_a λᵀ)``.
+    complement_scale: ``κ``, see above.
+    ns_steps: Newton–Schulz iterations.
+    ns_coefficients: see :func:`kl_optax.newton_schulz_orthogonalize`.
+    ns_dtype: Newton–Schulz iteration dtype (``None``: float32).
+    restricted_side: as in :func:`spike_flat_projection` (use the same).
+
+  Returns:
+    A :class:`~kl_optax.Part` that replaces the running update.
+  """
+  newton_schulz_coefficients(ns_coefficients, ns_steps)
+  if isinstance(complement_scale, str):
+    complement_scale_value(complement_scale, 1, 2, 1)  # validate the name now
+
+  def update(step: TensorStep) -> TensorStep:
+    st = step.state
+    mode = restricted_mode(step.update.shape, restricted_side)
+    dense = 1 - mode
+    x_full = _orient(step.update, mode)
+    m, n = x_full.shape
+    sf = _spike_flat(st)
+    rank = sf.basis.shape[1]
+    qa, lam_a = st.bases[dense], st.eigvals[dense]
+    c = _mm(x_full, sf.basis)
+    x = x_full - _mm(c, sf.basis.T)
+    d = jnp.sqrt(lam_a[:, None] * sf.eigvals[None, :]) + _f32(eps)
+    par = _mm(_mm(qa, _mm(qa.T, c) / d), sf.basis.T)
+    kappa = _f32(complement_scale_value(complement_scale, m, n, rank))
+    perp = kappa * newton_schulz_orthogonalize(
+        x, steps=ns_steps, coefficients=ns_coefficients, dtype=ns_dtype).astype(jnp.float32)
+    perp = perp - _mm(_mm(perp, sf.basis), sf.basis.T)
+    out = par + perp
+    return step._replace(update=_orient(out, mode))
+
+  return Part(update=update, name="spike_flat_whiten")
