@@ -347,8 +347,9 @@ def spike_flat_projection(
 
     # 2. Right factor by moment matching, W = diag(λ_a)^{-1/2} Q_aᵀ G.
     inv_sqrt = jax.lax.rsqrt(lam_a)[:, None]
+    w = ga * inv_sqrt
     wu = za * inv_sqrt
-    w_sq = jnp.sum(jnp.square(ga * inv_sqrt))
+    w_sq = jnp.sum(jnp.square(w))
     wu_col = jnp.sum(jnp.square(wu), axis=0)
     floor_n = clamp_floor(n, max_clamp)
     lam = jnp.maximum(beta * sf.eigvals + (1.0 - beta) * wu_col / m, floor_n)
@@ -358,7 +359,6 @@ def spike_flat_projection(
     sigma = jnp.where(jnp.isfinite(sigma), sigma, sf.flat)
 
     # 3. Subspace accumulator: a power step Wᵀ(WU)/m on the current U.
-    w = ga * inv_sqrt
     power = _mm(w.T, wu) / m
     if accumulate:
       sketch = beta * st.slots[SKETCH_SLOT] + (1.0 - beta) * power
