@@ -22,6 +22,8 @@ Pro-KLShampoo (:mod:`kl_optax.pro`, :mod:`kl_optax.newton_schulz`)
 
 Routing (:mod:`kl_optax.routing`)
   ``kron_labels`` and ``exclude``: which leaves get a Kronecker preconditioner.
+Sharding (:mod:`kl_optax.sharding`)
+  ``state_shardings``: the optimizer-state shardings for a params sharding.
 
 Kronecker linear algebra (:mod:`kl_optax.kron`).
 """
@@ -85,10 +87,12 @@ from kl_optax.recipes import (
     with_adam_fallback,
 )
 from kl_optax.routing import exclude, kron_labels
+from kl_optax.sharding import state_shardings
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "state_shardings",
     "EXACT_COEFFICIENTS",
     "KronState",
     "KronTransformState",

@@ -16,14 +16,17 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 from kl_optax import parts as parts_lib
+from kl_optax import sharding as sharding_lib
 
 __all__ = [
     "KronTransformState",
@@ -75,27 +78,56 @@ def check_floating(path, leaf, where: str) -> None:
 
 
 class TensorPlan(NamedTuple):
-  """How the leaves of a tree are stacked into shape groups.
+  """How the leaves of a tree are cut into blocks and stacked into shape groups.
 
   Attributes:
     treedef: the tree structure of the leaves.
     paths: a readable path per leaf.
     shapes: each leaf's original shape.
-    group_of: for each leaf, ``(group index, position in the group's stack)``.
-    group_shapes: the squeezed tensor shape of each group.
-    group_sizes: the number of tensors stacked in each group.
+    squeezed: each leaf's shape without size-1 dims.
+    blocks: per leaf, its blocks in row-major order, each
+      ``(group index, position in the group's stack, starts, sizes)``.
+    grids: per leaf, the number of blocks along each squeezed dim.
+    group_shapes: the tensor (block) shape of each group.
+    group_sizes: the number of tensors (blocks) stacked in each group.
   """
 
   treedef: Any
   paths: tuple[str, ...]
   shapes: tuple[tuple[int, ...], ...]
-  group_of: tuple[tuple[int, int], ...]
+  squeezed: tuple[tuple[int, ...], ...]
+  blocks: tuple[tuple[tuple[int, int, tuple[int, ...], tuple[int, ...]], ...], ...]
+  grids: tuple[tuple[int, ...], ...]
   group_shapes: tuple[tuple[int, ...], ...]
   group_sizes: tuple[int, ...]
 
 
-def plan_tensors(tree, where: str = "kron_transform") -> TensorPlan:
-  """Checks every leaf and assigns it to a shape group.
+def block_ranges(dim: int, max_precond_dim: int | None, block_size: int | None):
+  """``(start, size)`` of the blocks of one dim: one block unless ``dim > max_precond_dim``.
+
+  A dim larger than ``max_precond_dim`` is cut into consecutive blocks of
+  ``block_size`` (the last one holds the remainder). Without ``block_size``
+  nothing is cut.
+  """
+  if block_size is None or dim <= (block_size if max_precond_dim is None else max_precond_dim):
+    return [(0, dim)]
+  return [(s, min(block_size, dim - s)) for s in range(0, dim, block_size)]
+
+
+def plan_tensors(
+    tree,
+    where: str = "kron_transform",
+    max_precond_dim: int | None = None,
+    block_size: int | None = None,
+) -> TensorPlan:
+  """Checks every leaf, cuts it into blocks and assigns each block to a shape group.
+
+  Args:
+    tree: the parameters or gradients.
+    where: named in error messages.
+    max_precond_dim: dims larger than this are cut into blocks (``None``:
+      ``block_size``).
+    block_size: the block length along a cut dim (``None``: no blocking).
 
   Raises:
     TypeError: a leaf is not floating point (the message names the leaf).
@@ -103,7 +135,7 @@ def plan_tensors(tree, where: str = "kron_transform") -> TensorPlan:
       the leaf and says where such leaves belong).
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  paths, shapes, group_of = [], [], []
+  paths, shapes, squeezed, blocks, grids = [], [], [], [], []
   group_index: dict[tuple[int, ...], int] = {}
   group_sizes: list[int] = []
   for path, leaf in flat:
@@ -117,22 +149,70 @@ def plan_tensors(tree, where: str = "kron_transform") -> TensorPlan:
           "preconditioner. Use a recipe such as kl_optax.kl_shampoo, which routes "
           "such leaves to AdamW, or route them yourself with optax.partition."
       )
-    if sq not in group_index:
-      group_index[sq] = len(group_sizes)
-      group_sizes.append(0)
-    gi = group_index[sq]
-    group_of.append((gi, group_sizes[gi]))
-    group_sizes[gi] += 1
+    ranges = [block_ranges(d, max_precond_dim, block_size) for d in sq]
+    leaf_blocks = []
+    for combo in itertools.product(*ranges):
+      starts = tuple(c[0] for c in combo)
+      sizes = tuple(c[1] for c in combo)
+      if sizes not in group_index:
+        group_index[sizes] = len(group_sizes)
+        group_sizes.append(0)
+      gi = group_index[sizes]
+      leaf_blocks.append((gi, group_sizes[gi], starts, sizes))
+      group_sizes[gi] += 1
     paths.append(leaf_path(path))
     shapes.append(shape)
+    squeezed.append(sq)
+    blocks.append(tuple(leaf_blocks))
+    grids.append(tuple(len(r) for r in ranges))
   return TensorPlan(
       treedef=treedef,
       paths=tuple(paths),
       shapes=tuple(shapes),
-      group_of=tuple(group_of),
+      squeezed=tuple(squeezed),
+      blocks=tuple(blocks),
+      grids=tuple(grids),
       group_shapes=tuple(group_index),
       group_sizes=tuple(group_sizes),
   )
+
+
+def _pack(plan: TensorPlan, leaves, padded_sizes) -> tuple[jax.Array, ...]:
+  """Stacks the float32 blocks of ``leaves`` per group, zero-padded to ``padded_sizes``."""
+  stacks = [[None] * n for n in plan.group_sizes]
+  for leaf, sq, leaf_blocks in zip(leaves, plan.squeezed, plan.blocks):
+    x = leaf.reshape(sq).astype(jnp.float32)
+    for gi, pos, starts, sizes in leaf_blocks:
+      if sizes == sq:
+        stacks[gi][pos] = x
+      else:
+        stacks[gi][pos] = x[tuple(slice(a, a + n) for a, n in zip(starts, sizes))]
+  out = []
+  for gi, s in enumerate(stacks):
+    stack = jnp.stack(s)
+    pad = padded_sizes[gi] - stack.shape[0]
+    if pad:
+      stack = jnp.pad(stack, [(0, pad)] + [(0, 0)] * (stack.ndim - 1))
+    out.append(stack)
+  return tuple(out)
+
+
+def _unpack(plan: TensorPlan, outs, leaves) -> list[jax.Array]:
+  """The inverse of :func:`_pack`: one array per leaf, in the leaf's shape and dtype."""
+  result = []
+  for leaf, shape, grid, leaf_blocks in zip(leaves, plan.shapes, plan.grids, plan.blocks):
+    pieces = [outs[gi][pos] for gi, pos, _, _ in leaf_blocks]
+
+    def assemble(pieces, axis):
+      if axis == len(grid):
+        return pieces[0]
+      k = grid[axis]
+      step = len(pieces) // k
+      parts = [assemble(pieces[i * step:(i + 1) * step], axis + 1) for i in range(k)]
+      return parts[0] if k == 1 else jnp.concatenate(parts, axis=axis)
+
+    result.append(assemble(pieces, 0).reshape(shape).astype(leaf.dtype))
+  return result
 
 
 def _storage_dtype(state_dtype) -> jnp.dtype:
@@ -163,14 +243,20 @@ def _run(seq, step: parts_lib.TensorStep) -> parts_lib.TensorStep:
 
 
 def kron_transform(
-    *parts: parts_lib.Part, state_dtype: Any = None
+    *parts: parts_lib.Part,
+    state_dtype: Any = None,
+    block_size: int | None = None,
+    max_precond_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds an optax transformation from a sequence of :class:`~kl_optax.Part`.
 
   Every leaf of the tree the transformation is applied to is preconditioned:
   size-1 dims are squeezed and what remains must have order ≥ 2 (route other
-  leaves elsewhere with ``optax.partition``, as the recipes do). Leaves of the
-  same squeezed shape are stacked and processed together.
+  leaves elsewhere with ``optax.partition``, as the recipes do). With
+  ``block_size``, dims larger than ``max_precond_dim`` are cut into blocks of
+  at most ``block_size`` and every block gets its own preconditioner. Tensors
+  (blocks) of the same shape are stacked and processed together: one
+  ``vmap``-ed step per shape group, however deep the model.
 
   On the first update (``count == 0``) each part's ``first_update`` runs (the
   statistics are initialized from this gradient) and the returned update is
@@ -178,11 +264,19 @@ def kron_transform(
   order and the final running update is returned, cast to each gradient's
   dtype.
 
+  Under ``jax.set_mesh(mesh)`` the stacks are padded to a multiple of the
+  number of devices and sharded along their leading axis; each device runs
+  the parts on its share of the tensors (see :mod:`kl_optax.sharding`).
+
   Args:
     *parts: the parts, in the order they run.
     state_dtype: storage dtype of factors, bases and floating slots (``None``:
       float32; ``jnp.bfloat16`` halves their memory). Eigenvalue estimates
       are always float32. All computation is float32.
+    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
+      length (``None``: no blocking). Static.
+    max_precond_dim: the largest dim kept whole when ``block_size`` is set
+      (``None``: ``block_size``). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (extra keyword arguments of
@@ -209,8 +303,12 @@ def kron_transform(
           f"kron_transform: argument {i} is a {type(p).__name__}, not a kl_optax.Part."
       )
   dtype = _storage_dtype(state_dtype)
+  block_size, max_precond_dim = check_blocking(block_size, max_precond_dim)
   later_fns = [p.update for p in parts]
   first_fns = [p.first_update for p in parts if p.first_update is not None]
+
+  def plan_of(tree, where):
+    return plan_tensors(tree, where, max_precond_dim, block_size)
 
   def init_tensor(shape):
     slots = {}
@@ -230,64 +328,117 @@ def kron_transform(
     return state
 
   def init_fn(params):
-    plan = plan_tensors(params, "kron_transform.init")
+    plan = plan_of(params, "kron_transform.init")
     if not plan.group_sizes:
       return KronTransformState(
           count=jnp.zeros([], jnp.int32), groups=jnp.zeros((0,), jnp.float32)
       )
+    mesh = sharding_lib.context_mesh()
     groups = []
     for shape, n in zip(plan.group_shapes, plan.group_sizes):
+      n = sharding_lib.padded_stack_size(n, mesh)
       one = _cast_state(init_tensor(shape), dtype)
-      groups.append(jax.tree.map(lambda x, n=n: jnp.broadcast_to(x, (n,) + x.shape), one))
+      stack = jax.tree.map(lambda x, n=n: jnp.broadcast_to(x, (n,) + x.shape), one)
+      if mesh is not None:
+        stack = jax.tree.map(
+            lambda x: sharding_lib.constrain(
+                x, sharding_lib.stack_spec(x.shape[0], x.ndim, mesh)), stack)
+      groups.append(stack)
     return KronTransformState(count=jnp.zeros([], jnp.int32), groups=tuple(groups))
+
+  def run_groups(seq, states, grads, count, mesh, with_update):
+    """Runs ``seq`` on every group, each device on its share of the stack."""
+    new_states, outs = [], []
+    for st, g in zip(states, grads):
+
+      def local(st, g, count):
+        def one(s, x):
+          out = _run(seq, parts_lib.TensorStep(s, x, x, count))
+          return (out.state, out.update) if with_update else out.state
+        return jax.vmap(one)(st, g)
+
+      axes = sharding_lib.stack_axes(g.shape[0], mesh)
+      if axes:
+        spec = sharding_lib.stack_spec(g.shape[0], 1, mesh)
+        out_specs = (spec, spec) if with_update else spec
+        local = jax.shard_map(
+            local, mesh=mesh, in_specs=(spec, spec, PartitionSpec()),
+            out_specs=out_specs)
+      res = local(st, g, count)
+      if with_update:
+        new_states.append(res[0])
+        outs.append(res[1])
+      else:
+        new_states.append(res)
+        outs.append(jnp.zeros_like(g))
+    return tuple(new_states), tuple(outs)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    plan = plan_tensors(updates, "kron_transform.update")
+    plan = plan_of(updates, "kron_transform.update")
     if not plan.group_sizes:
       return updates, KronTransformState(
           count=optax.safe_increment(state.count), groups=state.groups
       )
     _check_matches_state(plan, state)
     leaves = plan.treedef.flatten_up_to(updates)
-    stacks = [[None] * n for n in plan.group_sizes]
-    for leaf, (gi, pos) in zip(leaves, plan.group_of):
-      stacks[gi][pos] = leaf.reshape(plan.group_shapes[gi]).astype(jnp.float32)
-    grads = tuple(jnp.stack(s) for s in stacks)
-    states = tuple(_cast_state(g, jnp.float32) for g in state.groups)
+    mesh = sharding_lib.context_mesh()
+    padded = tuple(g.factors[0].shape[0] for g in state.groups)
 
-    def run_group(seq, st, g, count):
-      out = _run(seq, parts_lib.TensorStep(st, g, g, count))
-      return out.state, out.update
-
-    def first(states, grads, count):
-      new = tuple(
-          jax.vmap(lambda st, g: run_group(first_fns, st, g, count)[0])(st, g)
-          for st, g in zip(states, grads)
+    def step(leaves, groups, count):
+      # Inside ``auto_axes`` the context mesh has the same axes, typed Auto.
+      mesh = sharding_lib.context_mesh()
+      grads = _pack(plan, leaves, padded)
+      if mesh is not None:
+        # Whole tensors move to the devices that own them: gather, then slice.
+        grads = tuple(sharding_lib.constrain(g, PartitionSpec()) for g in grads)
+        grads = tuple(
+            sharding_lib.constrain(g, sharding_lib.stack_spec(g.shape[0], g.ndim, mesh))
+            for g in grads)
+      states = tuple(_cast_state(g, jnp.float32) for g in groups)
+      new_states, outs = jax.lax.cond(
+          count == 0,
+          lambda s, g, c: run_groups(first_fns, s, g, c, mesh, False),
+          lambda s, g, c: run_groups(later_fns, s, g, c, mesh, True),
+          states, grads, count,
       )
-      return new, tuple(jnp.zeros_like(g) for g in grads)
+      new_states = tuple(_cast_state(s, dtype) for s in new_states)
+      if mesh is not None:
+        outs = tuple(sharding_lib.constrain(o, PartitionSpec()) for o in outs)
+      return _unpack(plan, outs, leaves), new_states
 
-    def later(states, grads, count):
-      res = [
-          jax.vmap(lambda st, g: run_group(later_fns, st, g, count))(st, g)
-          for st, g in zip(states, grads)
-      ]
-      return tuple(r[0] for r in res), tuple(r[1] for r in res)
-
-    new_states, outs = jax.lax.cond(
-        state.count == 0, first, later, states, grads, state.count
-    )
-    new_states = tuple(_cast_state(s, dtype) for s in new_states)
-    new_leaves = [
-        outs[gi][pos].reshape(shape).astype(leaf.dtype)
-        for leaf, shape, (gi, pos) in zip(leaves, plan.shapes, plan.group_of)
-    ]
-    new_updates = plan.treedef.unflatten(new_leaves)
+    if mesh is not None and sharding_lib.has_explicit_axes(mesh):
+      leaf_specs = [jax.typeof(x).sharding.spec for x in leaves]
+      state_specs = jax.tree.map(
+          lambda x: sharding_lib.stack_spec(x.shape[0], x.ndim, mesh), state.groups)
+      step = jax.sharding.auto_axes(step, out_sharding=(leaf_specs, state_specs))
+    new_leaves, new_states = step(leaves, state.groups, state.count)
+    new_updates = plan.treedef.unflatten(list(new_leaves))
     return new_updates, KronTransformState(
-        count=optax.safe_increment(state.count), groups=new_states
+        count=optax.safe_increment(state.count), groups=tuple(new_states)
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def check_blocking(block_size, max_precond_dim) -> tuple[int | None, int | None]:
+  """Validates the static blocking options; returns them as Python ints (or ``None``)."""
+  for name, value in (("block_size", block_size), ("max_precond_dim", max_precond_dim)):
+    if isinstance(value, jax.core.Tracer):
+      raise TypeError(
+          f"{name} decides state shapes and must be a static Python int, got a "
+          f"traced value. With optax.inject_hyperparams, list {name!r} in static_args."
+      )
+    if value is not None and (int(value) != value or value < 1):
+      raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+  block_size = None if block_size is None else int(block_size)
+  max_precond_dim = None if max_precond_dim is None else int(max_precond_dim)
+  if block_size is not None and max_precond_dim is not None and block_size > max_precond_dim:
+    raise ValueError(
+        f"block_size ({block_size}) must not exceed max_precond_dim "
+        f"({max_precond_dim}): blocks are cut from dims larger than max_precond_dim."
+    )
+  return block_size, max_precond_dim
 
 
 def _check_matches_state(plan: TensorPlan, state: KronTransformState) -> None:
@@ -300,16 +451,21 @@ def _check_matches_state(plan: TensorPlan, state: KronTransformState) -> None:
         f"{list(plan.group_shapes)}, the state has {n}. Was the state "
         "initialized with parameters of a different structure?"
     )
+  mesh = sharding_lib.context_mesh()
   for gi, (shape, n) in enumerate(zip(plan.group_shapes, plan.group_sizes)):
     st_shape = tuple(f.shape[-1] for f in groups[gi].factors)
     st_n = groups[gi].factors[0].shape[0]
-    if st_shape != shape or st_n != n:
-      members = [p for p, (g, _) in zip(plan.paths, plan.group_of) if g == gi]
+    ok_n = st_n == n or (st_n > n and st_n % (mesh.size if mesh is not None else st_n + 1) == 0
+                         and st_n - n < mesh.size)
+    if st_shape != shape or not ok_n:
+      members = sorted({plan.paths[i] for i, bl in enumerate(plan.blocks)
+                        if any(b[0] == gi for b in bl)})
       raise ValueError(
           "kron_transform.update: the gradients do not match the optimizer state: "
-          f"gradient leaves {members} (squeezed shape {shape}, {n} tensors) meet a "
-          f"state group for shape {st_shape} with {st_n} tensors. Was the state "
-          "initialized with parameters of a different structure?"
+          f"gradient leaves {members} (squeezed block shape {shape}, {n} tensors) "
+          f"meet a state group for shape {st_shape} with {st_n} tensors. Was the "
+          "state initialized with parameters of a different structure (or under "
+          "a different mesh)?"
       )
 
 

@@ -17,7 +17,7 @@ import optax
 from kl_optax import parts as P
 from kl_optax import routing
 from kl_optax import pro
-from kl_optax.compose import kron_transform, squeezed_shape
+from kl_optax.compose import check_blocking, kron_transform, squeezed_shape
 from kl_optax.validation import check_range
 
 __all__ = [
@@ -38,6 +38,14 @@ __all__ = [
 ]
 
 
+def _blocking(block_size, max_precond_dim) -> dict[str, int | None]:
+  """The static blocking options as ``kron_transform`` keywords (validated)."""
+  max_dim = routing.resolve_static_int(
+      max_precond_dim, "max_precond_dim", routing.DEFAULT_MAX_PRECOND_DIM)
+  block_size, max_dim = check_blocking(block_size, max_dim)
+  return dict(block_size=block_size, max_precond_dim=max_dim)
+
+
 def _check_common(b1, b2, eps, precondition_frequency):
   check_range("b1", b1, 0.0, 1.0)
   check_range("b2", b2, 0.0, 1.0)
@@ -56,6 +64,8 @@ def scale_by_kl_shampoo(
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
     state_dtype: Any = None,
+    block_size: int | None = None,
+    max_precond_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by KL-Shampoo's Kronecker preconditioner.
 
@@ -100,6 +110,10 @@ def scale_by_kl_shampoo(
     state_dtype: storage dtype of momentum, factors and bases (``None``:
       float32). Computation is always float32; eigenvalue estimates are
       always stored in float32.
+    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
+      length, each preconditioned on its own (``None``: no blocking). Static.
+    max_precond_dim: the largest dim kept whole when ``block_size`` is set
+      (``None``: 10,000). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -130,6 +144,7 @@ def scale_by_kl_shampoo(
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
                          max_iters=refresh_max_iters),
       state_dtype=state_dtype,
+      **_blocking(block_size, max_precond_dim),
   )
 
 
@@ -141,6 +156,7 @@ def with_adam_fallback(
     *,
     max_precond_dim: int | None,
     precondition_mask: Any,
+    block_size: int | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None,
     adam_b1: Any,
     adam_b2: Any,
@@ -153,16 +169,15 @@ def with_adam_fallback(
   decay at every step, the first included); the others get
   ``optax.adamw(adam_learning_rate or learning_rate, adam_b1, adam_b2, adam_eps,
   weight_decay=adam_weight_decay or weight_decay)``. The split follows
-  :func:`kl_optax.kron_labels`.
+  :func:`kl_optax.kron_labels` (with ``block_size``, leaves with large dims stay
+  in the Kronecker branch and are blocked there).
   """
-  max_dim = routing.resolve_static_int(
-      max_precond_dim, "max_precond_dim", routing.DEFAULT_MAX_PRECOND_DIM
-  )
-  check_range("max_precond_dim", max_dim, 1.0, None)
+  blocking = _blocking(block_size, max_precond_dim)
   check_range("weight_decay", weight_decay, 0.0, None)
 
   def labels(params):
-    return routing.kron_labels(params, max_dim, precondition_mask)
+    return routing.kron_labels(params, blocking["max_precond_dim"], precondition_mask,
+                               block_size=blocking["block_size"])
 
   kron_branch = optax.chain(
       preconditioner,
@@ -186,8 +201,11 @@ _FALLBACK_ARGS_DOC = """weight_decay_mask: pytree of bools (or a function of the
       one): where weight decay applies, in both branches. ``None``: everywhere.
     precondition_mask: pytree of bools, or a function of the params returning
       one (see :func:`kl_optax.exclude`): ``False`` sends a leaf to AdamW.
-    max_precond_dim: largest dim a preconditioned tensor may have (``None``:
-      10,000). Decides shapes, so it must be static.
+    max_precond_dim: largest dim preconditioned whole (``None``: 10,000).
+      Decides shapes, so it must be static.
+    block_size: cut dims larger than ``max_precond_dim`` into blocks of at most
+      this length, each block with its own preconditioner (``None``: such
+      tensors go to AdamW instead). Static; at most ``max_precond_dim``.
     refresh_tolerance: adaptive basis refresh (``ALGORITHMS.md`` §4): a factor
       keeps its basis while ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F``.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
@@ -201,11 +219,14 @@ _FALLBACK_ARGS_DOC = """weight_decay_mask: pytree of bools (or a function of the
     adam_weight_decay: AdamW's weight decay (``None``: ``weight_decay``)."""
 
 _ROUTING_DOC = """Routing, leaf by leaf: size-1 dims are squeezed; a leaf whose remaining dims
-  number at least two, are all ≤ ``max_precond_dim`` and that
-  ``precondition_mask`` does not exclude gets the Kronecker preconditioner.
-  Scalars, vectors (biases, norm scales), larger tensors and excluded leaves
-  (embeddings and output heads are usually better there) go to AdamW with its
-  own hyperparameters. Non-floating leaves raise an error naming the leaf."""
+  number at least two and that ``precondition_mask`` does not exclude gets the
+  Kronecker preconditioner when its dims are all ≤ ``max_precond_dim``; with
+  ``block_size`` set, larger dims are cut into blocks of at most
+  ``block_size`` (each block preconditioned on its own), without it such
+  tensors go to AdamW. Scalars, vectors (biases, norm scales) and excluded
+  leaves (embeddings and output heads are usually better there) go to AdamW
+  with its own hyperparameters. Non-floating leaves raise an error naming the
+  leaf."""
 
 
 def _documented(fn):
@@ -220,8 +241,9 @@ def _complete(preconditioner, learning_rate, weight_decay, weight_decay_mask, fa
 
 
 def _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-              adam_eps, adam_weight_decay):
-  return dict(max_precond_dim=max_precond_dim, precondition_mask=precondition_mask,
+              adam_eps, adam_weight_decay, block_size=None):
+  return dict(max_precond_dim=max_precond_dim, block_size=block_size,
+              precondition_mask=precondition_mask,
               adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
               adam_eps=adam_eps, adam_weight_decay=adam_weight_decay)
 
@@ -243,6 +265,7 @@ def kl_shampoo(
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
     state_dtype: Any = None,
+    block_size: int | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: Any = 0.9,
     adam_b2: Any = 0.999,
@@ -292,10 +315,11 @@ def kl_shampoo(
   return _complete(
       scale_by_kl_shampoo(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                           refresh_tolerance=refresh_tolerance,
-                          refresh_max_iters=refresh_max_iters, state_dtype=state_dtype),
+                          refresh_max_iters=refresh_max_iters, state_dtype=state_dtype,
+          block_size=block_size, max_precond_dim=max_precond_dim),
       learning_rate, weight_decay, weight_decay_mask,
       _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay))
+                adam_eps, adam_weight_decay, block_size))
 
 
 def scale_by_kl_soap(
@@ -309,6 +333,8 @@ def scale_by_kl_soap(
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
     state_dtype: Any = None,
+    block_size: int | None = None,
+    max_precond_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by KL-SOAP: Adam in the eigenbasis of KL-fitted factors.
 
@@ -339,6 +365,10 @@ def scale_by_kl_soap(
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
     state_dtype: storage dtype of moments, factors and bases.
+    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
+      length, each preconditioned on its own (``None``: no blocking). Static.
+    max_precond_dim: the largest dim kept whole when ``block_size`` is set
+      (``None``: 10,000). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -367,6 +397,7 @@ def scale_by_kl_soap(
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
                          max_iters=refresh_max_iters, rotate_slots=("mu_eig",)),
       state_dtype=state_dtype,
+      **_blocking(block_size, max_precond_dim),
   )
 
 
@@ -387,6 +418,7 @@ def kl_soap(
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
     state_dtype: Any = None,
+    block_size: int | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: Any = 0.9,
     adam_b2: Any = 0.999,
@@ -429,10 +461,11 @@ def kl_soap(
   return _complete(
       scale_by_kl_soap(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                        refresh_tolerance=refresh_tolerance,
-                       refresh_max_iters=refresh_max_iters, state_dtype=state_dtype),
+                       refresh_max_iters=refresh_max_iters, state_dtype=state_dtype,
+          block_size=block_size, max_precond_dim=max_precond_dim),
       learning_rate, weight_decay, weight_decay_mask,
       _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay))
+                adam_eps, adam_weight_decay, block_size))
 
 
 def scale_by_soap(
@@ -444,6 +477,8 @@ def scale_by_soap(
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
     state_dtype: Any = None,
+    block_size: int | None = None,
+    max_precond_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by SOAP: Adam in the eigenbasis of Shampoo's factors.
 
@@ -471,6 +506,10 @@ def scale_by_soap(
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
     state_dtype: storage dtype of moments, factors and bases.
+    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
+      length, each preconditioned on its own (``None``: no blocking). Static.
+    max_precond_dim: the largest dim kept whole when ``block_size`` is set
+      (``None``: 10,000). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -494,6 +533,7 @@ def scale_by_soap(
                          max_iters=refresh_max_iters, sort=True,
                          rotate_slots=("mu_eig",), permute_slots=("nu_eig",)),
       state_dtype=state_dtype,
+      **_blocking(block_size, max_precond_dim),
   )
 
 
@@ -512,6 +552,7 @@ def soap(
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
     state_dtype: Any = None,
+    block_size: int | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: Any = 0.9,
     adam_b2: Any = 0.999,
@@ -549,10 +590,11 @@ def soap(
   """
   return _complete(
       scale_by_soap(b1, b2, eps, precondition_frequency, refresh_tolerance=refresh_tolerance,
-                    refresh_max_iters=refresh_max_iters, state_dtype=state_dtype),
+                    refresh_max_iters=refresh_max_iters, state_dtype=state_dtype,
+          block_size=block_size, max_precond_dim=max_precond_dim),
       learning_rate, weight_decay, weight_decay_mask,
       _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay))
+                adam_eps, adam_weight_decay, block_size))
 
 
 def scale_by_shampoo(
@@ -564,6 +606,8 @@ def scale_by_shampoo(
     graft_eps: Any = 1e-8,
     refresh_tolerance: Any = None,
     state_dtype: Any = None,
+    block_size: int | None = None,
+    max_precond_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Shampoo with Adam grafting (a baseline).
 
@@ -589,6 +633,10 @@ def scale_by_shampoo(
     refresh_tolerance: skip a factor's eigendecomposition while its basis still
       satisfies the criterion of :func:`kl_optax.eigh_basis_refresh`.
     state_dtype: storage dtype of moments, factors and bases.
+    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
+      length, each preconditioned on its own (``None``: no blocking). Static.
+    max_precond_dim: the largest dim kept whole when ``block_size`` is set
+      (``None``: 10,000). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -611,6 +659,7 @@ def scale_by_shampoo(
       P.shampoo_factor_update(b2),
       P.eigh_basis_refresh(precondition_frequency, tolerance=refresh_tolerance),
       state_dtype=state_dtype,
+      **_blocking(block_size, max_precond_dim),
   )
 
 
@@ -629,6 +678,7 @@ def shampoo(
     max_precond_dim: int | None = None,
     refresh_tolerance: Any = None,
     state_dtype: Any = None,
+    block_size: int | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: Any = 0.9,
     adam_b2: Any = 0.999,
@@ -666,10 +716,11 @@ def shampoo(
   """
   return _complete(
       scale_by_shampoo(b1, b2, eps, precondition_frequency, graft_eps=graft_eps,
-                       refresh_tolerance=refresh_tolerance, state_dtype=state_dtype),
+                       refresh_tolerance=refresh_tolerance, state_dtype=state_dtype,
+          block_size=block_size, max_precond_dim=max_precond_dim),
       learning_rate, weight_decay, weight_decay_mask,
       _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay))
+                adam_eps, adam_weight_decay, block_size))
 
 
 def scale_by_eshampoo(
@@ -681,6 +732,8 @@ def scale_by_eshampoo(
     refresh_tolerance: Any = 0.01,
     refresh_max_iters: int | None = None,
     state_dtype: Any = None,
+    block_size: int | None = None,
+    max_precond_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by eigenvalue-corrected Shampoo (EShampoo, a baseline).
 
@@ -703,6 +756,10 @@ def scale_by_eshampoo(
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
     state_dtype: storage dtype of moments, factors and bases.
+    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
+      length, each preconditioned on its own (``None``: no blocking). Static.
+    max_precond_dim: the largest dim kept whole when ``block_size`` is set
+      (``None``: 10,000). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -724,6 +781,7 @@ def scale_by_eshampoo(
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
                          max_iters=refresh_max_iters),
       state_dtype=state_dtype,
+      **_blocking(block_size, max_precond_dim),
   )
 
 
@@ -742,6 +800,7 @@ def eshampoo(
     refresh_tolerance: Any = 0.01,
     refresh_max_iters: int | None = None,
     state_dtype: Any = None,
+    block_size: int | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: Any = 0.9,
     adam_b2: Any = 0.999,
@@ -779,23 +838,26 @@ def eshampoo(
   return _complete(
       scale_by_eshampoo(b1, b2, eps, precondition_frequency,
                         refresh_tolerance=refresh_tolerance,
-                        refresh_max_iters=refresh_max_iters, state_dtype=state_dtype),
+                        refresh_max_iters=refresh_max_iters, state_dtype=state_dtype,
+          block_size=block_size, max_precond_dim=max_precond_dim),
       learning_rate, weight_decay, weight_decay_mask,
       _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay))
+                adam_eps, adam_weight_decay, block_size))
 
 
 SPIKE_FLAT = "spike_flat"
 DENSE = "dense"
 
 
-def pro_labels(tree, rank: int, restricted_side: str = "larger"):
+def pro_labels(tree, rank: int, restricted_side: str = "larger", *,
+               block_size: int | None = None, max_precond_dim: int | None = None):
   """Labels each leaf ``'spike_flat'`` (Pro-KLShampoo factor) or ``'dense'`` (full KL-Shampoo).
 
   A leaf gets a spike-and-flat factor when its squeezed shape is a matrix
   whose restricted dim is larger than ``rank``; tensors of order three or
-  more, and matrices with ``rank ≥`` the restricted dim, keep full
-  KL-Shampoo factors.
+  more, matrices with ``rank ≥`` the restricted dim, and (with
+  ``block_size``) matrices with a dim larger than ``max_precond_dim``, which are
+  blocked, keep full KL-Shampoo factors.
 
   Example:
     >>> import jax.numpy as jnp, kl_optax
@@ -805,7 +867,8 @@ def pro_labels(tree, rank: int, restricted_side: str = "larger"):
   """
   def label(leaf):
     sq = squeezed_shape(leaf.shape)
-    if len(sq) == 2 and sq[pro.restricted_mode(sq, restricted_side)] > rank:
+    blocked = block_size is not None and max(sq, default=0) > (max_precond_dim or block_size)
+    if len(sq) == 2 and not blocked and sq[pro.restricted_mode(sq, restricted_side)] > rank:
       return SPIKE_FLAT
     return DENSE
 
@@ -830,6 +893,8 @@ def scale_by_pro_kl_shampoo(
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
     state_dtype: Any = None,
+    block_size: int | None = None,
+    max_precond_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Pro-KLShampoo's preconditioner (``ALGORITHMS.md`` §5).
 
@@ -868,6 +933,10 @@ def scale_by_pro_kl_shampoo(
     refresh_tolerance: adaptive refresh of the dense bases (``ALGORITHMS.md`` §4).
     refresh_max_iters: QR iterations per adaptive refresh (static).
     state_dtype: storage dtype of moments, factors and bases.
+    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
+      length, each preconditioned on its own (``None``: no blocking). Static.
+    max_precond_dim: the largest dim kept whole when ``block_size`` is set
+      (``None``: 10,000). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -891,10 +960,11 @@ def scale_by_pro_kl_shampoo(
   )
   dense = scale_by_kl_shampoo(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                               refresh_tolerance=refresh_tolerance,
-                              refresh_max_iters=refresh_max_iters, state_dtype=state_dtype)
+                              refresh_max_iters=refresh_max_iters, state_dtype=state_dtype,
+                              block_size=block_size, max_precond_dim=max_precond_dim)
   return optax.partition(
       {SPIKE_FLAT: spike, DENSE: dense},
-      lambda tree: pro_labels(tree, rank, restricted_side))
+      lambda tree: pro_labels(tree, rank, restricted_side, **_blocking(block_size, max_precond_dim)))
 
 
 @_documented
@@ -921,6 +991,7 @@ def pro_kl_shampoo(
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
     state_dtype: Any = None,
+    block_size: int | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: Any = 0.9,
     adam_b2: Any = 0.999,
@@ -985,7 +1056,8 @@ def pro_kl_shampoo(
           init_factor=init_factor, max_clamp=max_clamp, restricted_side=restricted_side,
           ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, accumulate=accumulate,
           refresh_tolerance=refresh_tolerance, refresh_max_iters=refresh_max_iters,
-          state_dtype=state_dtype),
+          state_dtype=state_dtype,
+          block_size=block_size, max_precond_dim=max_precond_dim),
       learning_rate, weight_decay, weight_decay_mask,
       _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay))
+                adam_eps, adam_weight_decay, block_size))

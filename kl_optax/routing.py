@@ -3,12 +3,14 @@
 The rule (``ALGORITHMS.md`` §7), applied leaf by leaf:
 
 1. Size-1 dims are squeezed.
-2. A leaf is preconditioned when what remains has order ≥ 2, every remaining
-   dim is ≤ ``max_precond_dim`` and the user's ``precondition_mask`` (if any)
-   is ``True`` for it.
-3. Everything else — scalars, vectors (biases, norm scales), tensors with a dim
-   larger than ``max_precond_dim``, and leaves the user excluded (embeddings
-   and output heads, typically) — goes to the AdamW fallback.
+2. A leaf is preconditioned when what remains has order ≥ 2 and the user's
+   ``precondition_mask`` (if any) is ``True`` for it. Dims larger than
+   ``max_precond_dim`` are cut into blocks of at most ``block_size``, each
+   block preconditioned on its own; without ``block_size`` such tensors go to
+   the fallback instead.
+3. Everything else — scalars, vectors (biases, norm scales), and leaves the
+   user excluded (embeddings and output heads, typically) — goes to the AdamW
+   fallback.
 
 Non-floating leaves are an error (the message names the leaf).
 """
@@ -69,6 +71,8 @@ def kron_labels(
     params,
     max_precond_dim: int = DEFAULT_MAX_PRECOND_DIM,
     precondition_mask: MaskOrFn | None = None,
+    *,
+    block_size: int | None = None,
 ) -> Any:
   """Labels each leaf ``'kron'`` (Kronecker preconditioner) or ``'adam'`` (fallback).
 
@@ -78,6 +82,9 @@ def kron_labels(
     precondition_mask: optional pytree of bools with the structure of
       ``params`` (or a prefix of it), or a function of ``params`` returning one;
       ``False`` sends a leaf to the fallback whatever its shape.
+    block_size: when set, tensors with dims larger than ``max_precond_dim``
+      stay ``'kron'`` (they are cut into blocks there) instead of going to
+      the fallback.
 
   Returns:
     A tree of labels with the structure of ``params``, for ``optax.partition``.
@@ -98,7 +105,7 @@ def kron_labels(
   for (path, leaf), ok in zip(flat, allowed):
     check_floating(path, leaf, "kron_labels")
     sq = squeezed_shape(leaf.shape)
-    eligible = ok and len(sq) >= 2 and max(sq) <= max_precond_dim
+    eligible = ok and len(sq) >= 2 and (block_size is not None or max(sq) <= max_precond_dim)
     labels.append(KRON if eligible else FALLBACK)
   return treedef.unflatten(labels)
 

@@ -1,0 +1,225 @@
+"""Laying out optimizer state on a device mesh.
+
+The rule, for a :func:`~kl_optax.kron_transform` traced under
+``jax.set_mesh(mesh)``:
+
+* Each shape group's stack (factors, bases, eigenvalues, moments: every field
+  has a leading axis over the tensors — or blocks — of that group) is padded
+  to a multiple of the number of devices and sharded along that leading axis
+  over all mesh axes. Each device stores and processes its share of the
+  tensors: one batched factor update and one batched QR/eigh per group and
+  device, inside ``jax.shard_map``, so the compiler never splits a single
+  factor's linear algebra across devices. Padding tensors see zero gradients
+  and are never returned.
+* Gradients are gathered once per step and group to hand whole tensors to
+  the devices that own them; updates are gathered back and leave in the
+  gradients' own sharding.
+* Everything else in an optax state follows the parameters: moments of the
+  AdamW fallback get their parameter's sharding, counters are replicated.
+
+:func:`state_shardings` returns these shardings for any optax transformation
+(for ``jit``'s ``out_shardings``, buffer donation and checkpoint restore).
+Without a mesh in context nothing is padded or constrained.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+__all__ = [
+    "context_mesh",
+    "padded_stack_size",
+    "stack_axes",
+    "stack_spec",
+    "state_shardings",
+]
+
+
+def context_mesh() -> jax.sharding.AbstractMesh | None:
+  """The mesh set with ``jax.set_mesh`` (or ``None`` when there is none)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def has_explicit_axes(mesh) -> bool:
+  return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def padded_stack_size(n: int, mesh) -> int:
+  """``n`` rounded up to a multiple of the number of devices of ``mesh`` (``n`` without one)."""
+  if mesh is None or n == 0:
+    return n
+  return math.ceil(n / mesh.size) * mesh.size
+
+
+def stack_axes(n: int, mesh) -> tuple[str, ...]:
+  """Mesh axes the leading (stack) axis of size ``n`` is sharded over.
+
+  All axes when their product divides ``n`` (always so for state initialized
+  under the same mesh); otherwise the subset with the largest product that
+  divides ``n`` (possibly none: replicated).
+  """
+  if mesh is None or n == 0:
+    return ()
+  names = tuple(mesh.axis_names)
+  sizes = dict(zip(names, mesh.axis_sizes))
+  best: tuple[str, ...] = ()
+  best_size = 1
+  for k in range(len(names), 0, -1):
+    for subset in itertools.combinations(names, k):
+      size = math.prod(sizes[a] for a in subset)
+      if n % size == 0 and size > best_size:
+        best, best_size = subset, size
+  return best
+
+
+def stack_spec(n: int, ndim: int, mesh) -> PartitionSpec:
+  """The ``PartitionSpec`` of a stacked state array of shape ``(n, …)`` with ``ndim`` dims."""
+  axes = stack_axes(n, mesh)
+  lead = None if not axes else (axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(lead, *([None] * (ndim - 1)))
+
+
+def constrain(x: jax.Array, spec: PartitionSpec) -> jax.Array:
+  """Places ``x`` with ``spec`` on the context mesh (``reshard`` for explicit axes)."""
+  mesh = context_mesh()
+  if mesh is None:
+    return x
+  if has_explicit_axes(mesh):
+    return jax.sharding.reshard(x, spec)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _concrete_mesh(mesh):
+  if mesh is not None:
+    return mesh
+  mesh = jax.sharding.get_mesh()
+  if mesh is None or mesh.empty:
+    raise ValueError(
+        "state_shardings: no mesh given and none set with jax.set_mesh(mesh)."
+    )
+  return mesh
+
+
+def _param_sharding(leaf, mesh, given):
+  if given is not None:
+    if isinstance(given, PartitionSpec):
+      return NamedSharding(mesh, given)
+    return given
+  sharding = getattr(leaf, "sharding", None)
+  if isinstance(sharding, NamedSharding):
+    return sharding
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(
+    tx: optax.GradientTransformation,
+    params: Any,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    params_shardings: Any = None,
+) -> Any:
+  """The ``NamedSharding`` of every leaf of ``tx.init(params)`` on ``mesh``.
+
+  Works for any optax transformation built from ``kl_optax`` recipes and
+  ``optax`` transforms (``chain``, ``partition``, ``masked``,
+  ``inject_hyperparams``, …):
+
+  * stacked Kronecker state (:class:`~kl_optax.KronTransformState` groups) is
+    sharded along its leading axis (:func:`stack_spec`);
+  * a sub-tree with the structure and shapes of ``params`` (AdamW moments,
+    momentum buffers; masked entries allowed) gets the parameters' shardings;
+  * every other leaf (counters, hyperparameters) is replicated.
+
+  Args:
+    tx: the optimizer.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``); their
+      ``NamedSharding`` is used unless ``params_shardings`` is given.
+    mesh: the mesh (``None``: the one set with ``jax.set_mesh``).
+    params_shardings: optional tree (matching ``params``) of ``NamedSharding``
+      or ``PartitionSpec``.
+
+  Returns:
+    A tree of ``NamedSharding`` with the structure of ``tx.init(params)``,
+    for ``jax.jit(..., out_shardings=...)``, donation and Orbax restore.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, kl_optax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ('data',))
+    >>> params = {'w': jnp.zeros((8, 4)), 'b': jnp.zeros((4,))}
+    >>> tx = kl_optax.kl_shampoo(1e-3)
+    >>> with jax.set_mesh(mesh):
+    ...   shardings = kl_optax.state_shardings(tx, params)
+    ...   state = jax.jit(tx.init, out_shardings=shardings)(params)
+    >>> jax.tree.structure(shardings) == jax.tree.structure(state)
+    True
+  """
+  from kl_optax.compose import KronTransformState  # pylint: disable=g-import-not-at-top
+
+  mesh = _concrete_mesh(mesh)
+  with jax.set_mesh(mesh):
+    abstract = jax.eval_shape(tx.init, params)
+  flat_params, ptreedef = jax.tree_util.tree_flatten(params)
+  given = (
+      [None] * len(flat_params)
+      if params_shardings is None
+      else ptreedef.flatten_up_to(params_shardings)
+  )
+  param_shardings = [
+      _param_sharding(leaf, mesh, g) for leaf, g in zip(flat_params, given)
+  ]
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def is_masked(x):
+    return isinstance(x, optax.MaskedNode) or x is None
+
+  def as_params_like(node):
+    try:
+      flat = ptreedef.flatten_up_to(node)
+    except (ValueError, TypeError):
+      return None
+    found = False
+    out = []
+    for x, p, s in zip(flat, flat_params, param_shardings):
+      if is_masked(x):
+        out.append(x)
+        continue
+      if not hasattr(x, "shape") or tuple(x.shape) != tuple(p.shape):
+        return None
+      found = True
+      out.append(s)
+    return ptreedef.unflatten(out) if found else None
+
+  def kron(node: KronTransformState):
+    def place(x):
+      return NamedSharding(mesh, stack_spec(x.shape[0], x.ndim, mesh))
+
+    groups = node.groups
+    groups = (
+        jax.tree.map(place, groups) if isinstance(groups, tuple) else replicated
+    )
+    return KronTransformState(count=replicated, groups=groups)
+
+  def visit(node):
+    if isinstance(node, KronTransformState):
+      return kron(node)
+    if is_masked(node):
+      return node
+    like = as_params_like(node)
+    if like is not None:
+      return like
+    children, treedef = jax.tree_util.tree_flatten(
+        node, is_leaf=lambda x: x is not node
+    )
+    if jax.tree_util.treedef_is_leaf(treedef):
+      return replicated
+    return treedef.unflatten([visit(c) for c in children])
+
+  return visit(abstract)
