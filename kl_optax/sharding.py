@@ -81,9 +81,11 @@ def stack_axes(n: int, mesh) -> tuple[str, ...]:
 
 def stack_spec(n: int, ndim: int, mesh) -> PartitionSpec:
   """The ``PartitionSpec`` of a stacked state array of shape ``(n, …)`` with ``ndim`` dims."""
+  del ndim  # trailing dims are never sharded; the spec leaves them out
   axes = stack_axes(n, mesh)
-  lead = None if not axes else (axes[0] if len(axes) == 1 else axes)
-  return PartitionSpec(lead, *([None] * (ndim - 1)))
+  if not axes:
+    return PartitionSpec()
+  return PartitionSpec(axes[0] if len(axes) == 1 else axes)
 
 
 def constrain(x: jax.Array, spec: PartitionSpec) -> jax.Array:
@@ -218,7 +220,7 @@ def state_shardings(
     children, treedef = jax.tree_util.tree_flatten(
         node, is_leaf=lambda x: x is not node
     )
-    if jax.tree_util.treedef_is_leaf(treedef):
+    if len(children) == 1 and children[0] is node:
       return replicated
     return treedef.unflatten([visit(c) for c in children])
 
