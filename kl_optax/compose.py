@@ -358,7 +358,11 @@ def kron_transform(
         return jax.vmap(one)(st, g)
 
       axes = sharding_lib.stack_axes(g.shape[0], mesh)
-      if axes:
+      if axes and not _closes_over_tracers(local, st, g, count):
+        # Each device runs the parts on its own tensors. (Hyperparameters
+        # traced from outside, as with optax.inject_hyperparams, cannot enter
+        # shard_map as closures; the stacks are then left to XLA's
+        # partitioner, which splits the vmapped batch the same way.)
         spec = sharding_lib.stack_spec(g.shape[0], 1, mesh)
         out_specs = (spec, spec) if with_update else spec
         local = jax.shard_map(
@@ -419,6 +423,12 @@ def kron_transform(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _closes_over_tracers(fn, *args) -> bool:
+  """Whether ``fn`` uses traced values it does not receive as arguments."""
+  consts = jax.make_jaxpr(fn)(*args).consts
+  return any(isinstance(c, jax.core.Tracer) for c in consts)
 
 
 def check_blocking(block_size, max_precond_dim) -> tuple[int | None, int | None]:

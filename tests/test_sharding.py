@@ -233,3 +233,22 @@ def test_padding_tensors_stay_finite_and_are_not_returned():
       u, state = update(jax.tree.map(lambda w: w * (t + 1.0), params), state, params)
   assert set(u) == set(params) and all(u[k].shape == (6, 4) for k in u)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
+
+
+def test_inject_hyperparams_and_multisteps_under_a_mesh():
+  """Traced hyperparameters and gradient accumulation keep working when sharded."""
+  tx = optax.MultiSteps(optax.inject_hyperparams(kl_optax.kl_shampoo)(
+      learning_rate=5e-2, precondition_frequency=3, init_factor=1e-3), every_k_schedule=2)
+  params, noise = _problem(12)
+  want, _ = jax.jit(_train(tx))(params, tx.init(params), noise)
+  mesh = _mesh(AxisType.Auto)
+  with jax.set_mesh(mesh):
+    p = _place(params, mesh)
+    shardings = kl_optax.state_shardings(tx, p)
+    assert shardings.acc_grads["a"].spec == SPECS["a"]
+    state = jax.jit(tx.init, out_shardings=shardings)(p)
+    got, state = jax.jit(_train(tx), out_shardings=(jax.tree.map(lambda x: x.sharding, p),
+                                                     shardings))(p, state, _place(noise, mesh, (None,)))
+  for k in SHAPES:
+    rel = float(jnp.max(jnp.abs(got[k] - want[k])) / jnp.max(jnp.abs(want[k])))
+    assert rel <= 1e-5, (k, rel)

@@ -10,16 +10,37 @@ AdamW (see :data:`ADAM_LEAVES`).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-__all__ = ["ADAM_LEAVES", "GPT", "GPTConfig", "loss_fn"]
+__all__ = ["ADAM_LEAVES", "GPT", "GPTConfig", "PARAM_RULES", "loss_fn", "param_spec"]
 
 # Leaves that recipes should send to AdamW (regular expressions on their paths).
 ADAM_LEAVES = (r"\['embed'\]", r"\['pos'\]", r"\['head'\]")
+
+# Megatron-style model parallelism over a mesh axis "model": (path pattern,
+# partition spec), the first match wins, everything else is replicated.
+PARAM_RULES = (
+    (r"\['(q|k|v|fc1)'\]\['kernel'\]", P(None, "model")),
+    (r"\['fc1'\]\['bias'\]", P("model")),
+    (r"\['(o|fc2)'\]\['kernel'\]", P("model", None)),
+    (r"\['(embed|pos)'\]", P(None, "model")),
+    (r"\['head'\]\['kernel'\]", P("model", None)),
+)
+
+
+def param_spec(path: str, shape, mesh) -> P:
+  """The spec of one parameter under :data:`PARAM_RULES` (a dim that does not divide stays whole)."""
+  for pattern, spec in PARAM_RULES:
+    if re.search(pattern, path):
+      return P(*[a if a is None or shape[i] % mesh.shape[a] == 0 else None
+                 for i, a in enumerate(spec)])
+  return P()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ __all__ = [
     "TrainSetup",
     "make_setup",
     "median_time",
+    "per_device_bytes",
     "state_bytes",
     "train",
     "warmup_cosine",
@@ -44,6 +45,17 @@ def warmup_cosine(peak: float, steps: int, warmup_frac: float = 0.1,
 def state_bytes(tree) -> int:
   """Total bytes of the arrays in a pytree (works on ``ShapeDtypeStruct`` too)."""
   return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def per_device_bytes(tree) -> tuple[int, int]:
+  """(bytes on the fullest device, total bytes) of the arrays of ``tree``, from their shards."""
+  per_device: dict = {}
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    total += leaf.nbytes
+    for shard in leaf.addressable_shards:
+      per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+  return max(per_device.values()), total
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
