@@ -49,7 +49,7 @@ from kl_optax.benchmarks import gpt  # pylint: disable=wrong-import-position
 from kl_optax.benchmarks.harness import per_device_bytes, state_bytes  # pylint: disable=wrong-import-position
 from kl_optax.benchmarks.optimizers import make_optimizer  # pylint: disable=wrong-import-position
 
-VOCAB = 65  # the Shakespeare character vocabulary
+VOCAB = 82  # the Shakespeare character vocabulary (docs/benchmarks.md)
 
 
 def _optimizer(name, steps):
