@@ -22,13 +22,17 @@ Pro-KLShampoo (:mod:`kl_optax.pro`, :mod:`kl_optax.newton_schulz`)
 
 Routing (:mod:`kl_optax.routing`)
   ``kron_labels`` and ``exclude``: which leaves get a Kronecker preconditioner.
+Checkpoints (:mod:`kl_optax.checkpoint`)
+  ``checkpoint.save`` / ``checkpoint.restore``: Orbax, with a clear error on a mismatch.
+Non-finite values (:mod:`kl_optax.safety`)
+  ``skip_nonfinite`` and ``nonfinite_skips``: bad gradients skip the step, leaf by leaf.
 Sharding (:mod:`kl_optax.sharding`)
   ``state_shardings``: the optimizer-state shardings for a params sharding.
 
 Kronecker linear algebra (:mod:`kl_optax.kron`).
 """
 
-from kl_optax import kron
+from kl_optax import checkpoint, kron
 from kl_optax.compose import (
     KronTransformState,
     kron_states,
@@ -87,11 +91,15 @@ from kl_optax.recipes import (
     with_adam_fallback,
 )
 from kl_optax.routing import exclude, kron_labels
+from kl_optax.safety import SkipNonFiniteState, nonfinite_skips, skip_nonfinite
 from kl_optax.sharding import state_shardings
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SkipNonFiniteState",
+    "nonfinite_skips",
+    "skip_nonfinite",
     "state_shardings",
     "EXACT_COEFFICIENTS",
     "KronState",

@@ -28,7 +28,10 @@ from jax.sharding import PartitionSpec
 from kl_optax import parts as parts_lib
 from kl_optax import sharding as sharding_lib
 
+SKIP_SLOT = "nonfinite_skips"
+
 __all__ = [
+    "SKIP_SLOT",
     "KronTransformState",
     "TensorPlan",
     "kron_transform",
@@ -264,6 +267,12 @@ def kron_transform(
   order and the final running update is returned, cast to each gradient's
   dtype.
 
+  Non-finite values never enter the state: a tensor (block) whose gradient
+  is not finite, or whose new statistics or update would not be finite
+  (overflow), keeps its previous state for the step and gets a zero update;
+  the slot ``'nonfinite_skips'`` counts such steps per tensor. On the first
+  update a non-finite gradient initializes the statistics from zeros.
+
   Under ``jax.set_mesh(mesh)`` the stacks are padded to a multiple of the
   number of devices and sharded along their leading axis; each device runs
   the parts on its share of the tensors (see :mod:`kl_optax.sharding`).
@@ -321,6 +330,7 @@ def kron_transform(
                 f"shapes ({slots[name].shape} and {value.shape})."
             )
           slots[name] = value
+    slots[SKIP_SLOT] = jnp.zeros((), jnp.int32)
     state = parts_lib.init_kron_state(shape, slots)
     for p in parts:
       if p.init_state is not None:
@@ -353,8 +363,22 @@ def kron_transform(
 
       def local(st, g, count):
         def one(s, x):
+          finite = jnp.all(jnp.isfinite(x))
+          x = jnp.where(finite, x, 0.0)
           out = _run(seq, parts_lib.TensorStep(s, x, x, count))
-          return (out.state, out.update) if with_update else out.state
+          new = out.state
+          if with_update:
+            # A non-finite gradient, or statistics or an update that overflowed:
+            # this tensor skips the step (state kept, zero update).
+            ok = finite & _all_finite(new) & jnp.all(jnp.isfinite(out.update))
+          else:
+            # Initialization: a non-finite gradient initializes from zeros.
+            ok = _all_finite(new)
+          new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, s)
+          slots = dict(new.slots)
+          slots[SKIP_SLOT] = s.slots[SKIP_SLOT] + (~(ok & finite)).astype(jnp.int32)
+          new = new._replace(slots=slots)
+          return (new, jnp.where(ok, out.update, 0.0)) if with_update else new
         return jax.vmap(one)(st, g)
 
       axes = sharding_lib.stack_axes(g.shape[0], mesh)
@@ -423,6 +447,12 @@ def kron_transform(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _closes_over_tracers(fn, *args) -> bool:

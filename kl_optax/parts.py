@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from kl_optax import kron
 
 __all__ = [
+    "REFRESH_FAILURE_SLOT",
     "REFRESH_SLOT",
     "KronState",
     "Part",
@@ -549,6 +550,7 @@ def ema_eigenvalues(
 
 
 REFRESH_SLOT = "refreshes"
+REFRESH_FAILURE_SLOT = "refresh_failures"
 
 
 def _static_iters(value: Any, name: str) -> int:
@@ -581,7 +583,13 @@ def _placeholder(factor: jax.Array) -> bool:
 
 
 def _refresh_init(shape):
-  return {REFRESH_SLOT: jnp.zeros((len(shape),), jnp.int32)}
+  return {REFRESH_SLOT: jnp.zeros((len(shape),), jnp.int32),
+          REFRESH_FAILURE_SLOT: jnp.zeros((len(shape),), jnp.int32)}
+
+
+def _count(slots, name, flags):
+  if name in slots:  # states built by hand may lack a counter
+    slots[name] = slots[name] + jnp.stack(flags).astype(jnp.int32)
 
 
 def off_diagonal_ratio(b: jax.Array) -> jax.Array:
@@ -649,7 +657,9 @@ def qr_basis_refresh(
   * ``rotate_slots``: slots holding eigenbasis coordinates (SOAP's first
     moment) are carried into the new basis, ``x ← P_new(Pᵀ_old(x))``.
 
-  A basis whose refresh is not finite is kept. The number of refreshes each
+  A refresh whose result is not finite (a failed QR, or a factor that is
+  itself not finite) is discarded: the previous basis is kept and the failure
+  is counted in the slot ``'refresh_failures'``. The number of refreshes each
   factor actually performed is counted in the slot ``'refreshes'`` (int32, one
   entry per mode).
 
@@ -665,24 +675,36 @@ def qr_basis_refresh(
     permute_slots: slots to permute with the sorted columns.
 
   Returns:
-    A :class:`Part` that writes ``state.bases`` and the slot ``'refreshes'``.
+    A :class:`Part` that writes ``state.bases`` and the slots ``'refreshes'``
+    and ``'refresh_failures'``.
   """
   tol = _static_tolerance(tolerance)
   iters = _static_iters(max_iters, "max_iters")
   plain = tol is None and iters == 1
 
   def first_update(step: TensorStep) -> TensorStep:
-    bases = tuple(q if _placeholder(s) else kron.eigh_descending(s)[1]
-                  for s, q in zip(step.state.factors, step.state.bases))
-    return step._replace(state=step.state._replace(bases=bases))
+    slots = dict(step.state.slots)
+    bases, failed = [], []
+    for s, q in zip(step.state.factors, step.state.bases):
+      if _placeholder(s):
+        bases.append(q)
+        failed.append(jnp.bool_(False))
+        continue
+      v = kron.eigh_descending(s)[1]
+      ok = jnp.all(jnp.isfinite(v))
+      bases.append(jnp.where(ok, v, q))
+      failed.append(~ok)
+    _count(slots, REFRESH_FAILURE_SLOT, failed)
+    return step._replace(state=step.state._replace(bases=tuple(bases), slots=slots))
 
   def refresh(state: KronState) -> KronState:
     slots = dict(state.slots)
-    bases, done = [], []
+    bases, done, failed = [], [], []
     for k, (s, q) in enumerate(zip(state.factors, state.bases)):
       if _placeholder(s):
         bases.append(q)
         done.append(jnp.bool_(False))
+        failed.append(jnp.bool_(False))
         continue
       if sort:
         order = jnp.argsort(-jnp.diagonal(_rotated_basis(s, q)))
@@ -696,11 +718,13 @@ def qr_basis_refresh(
       ok = jnp.all(jnp.isfinite(q_new))
       bases.append(jnp.where(ok, q_new, q))
       done.append(ok & (n > 0))
+      failed.append(~ok)
     if rotate_slots and any(_placeholder(s) for s in state.factors):
       raise ValueError("qr_basis_refresh: rotate_slots needs a dense basis for every mode.")
     for name in rotate_slots:
       slots[name] = kron.project(kron.project_back(slots[name], state.bases), bases)
-    slots[REFRESH_SLOT] = slots[REFRESH_SLOT] + jnp.stack(done).astype(jnp.int32)
+    _count(slots, REFRESH_SLOT, done)
+    _count(slots, REFRESH_FAILURE_SLOT, failed)
     return state._replace(bases=tuple(bases), slots=slots)
 
   def update(step: TensorStep) -> TensorStep:
@@ -720,7 +744,8 @@ def eigh_basis_refresh(precondition_frequency: Any = 10, *, tolerance: Any = Non
   order and clipped at zero. With ``tolerance``, a factor whose current basis
   still satisfies ``off(Q_kᵀ S_k Q_k) ≤ tolerance · ‖S_k‖_F`` keeps it and only
   refreshes its eigenvalues to ``diag(Q_kᵀ S_k Q_k)``. A non-finite
-  decomposition is discarded. Refreshes performed are counted in the slot
+  decomposition is discarded (basis and eigenvalues are kept) and counted in
+  the slot ``'refresh_failures'``. Refreshes performed are counted in the slot
   ``'refreshes'``.
 
   Args:
@@ -728,8 +753,8 @@ def eigh_basis_refresh(precondition_frequency: Any = 10, *, tolerance: Any = Non
     tolerance: relative off-diagonal tolerance in [0, 1] (``None``: always).
 
   Returns:
-    A :class:`Part` that writes ``state.bases``, ``state.eigvals`` and the slot
-    ``'refreshes'``.
+    A :class:`Part` that writes ``state.bases``, ``state.eigvals`` and the
+    slots ``'refreshes'`` and ``'refresh_failures'``.
   """
   tol = _static_tolerance(tolerance)
 
@@ -739,26 +764,32 @@ def eigh_basis_refresh(precondition_frequency: Any = 10, *, tolerance: Any = Non
     return jnp.where(ok, jnp.maximum(w, 0.0), lam), jnp.where(ok, v, q), ok
 
   def refresh_one(s, q, lam):
-    if tol is None:
-      return decompose(s, q, lam)
     b = _rotated_basis(s, q)
     keep = off_diagonal_ratio(b) <= tol
     return jax.lax.cond(
-        keep, lambda: (jnp.maximum(jnp.diagonal(b), 0.0), q, jnp.bool_(False)),
-        lambda: decompose(s, q, lam))
+        keep, lambda: (jnp.maximum(jnp.diagonal(b), 0.0), q, jnp.bool_(False), jnp.bool_(False)),
+        lambda: decompose(s, q, lam) + (jnp.bool_(True),))
 
   def refresh(state: KronState) -> KronState:
-    out = [refresh_one(s, q, lam) for s, q, lam in zip(state.factors, state.bases, state.eigvals)]
+    out = []
+    for s, q, lam in zip(state.factors, state.bases, state.eigvals):
+      if tol is None:
+        out.append(decompose(s, q, lam) + (jnp.bool_(True),))
+      else:
+        out.append(refresh_one(s, q, lam))
     slots = dict(state.slots)
-    slots[REFRESH_SLOT] = slots[REFRESH_SLOT] + jnp.stack([o[2] for o in out]).astype(jnp.int32)
+    _count(slots, REFRESH_SLOT, [o[2] for o in out])
+    _count(slots, REFRESH_FAILURE_SLOT, [o[3] & ~o[2] for o in out])
     return state._replace(eigvals=tuple(o[0] for o in out), bases=tuple(o[1] for o in out),
                           slots=slots)
 
   def first_update(step: TensorStep) -> TensorStep:
     st = step.state
     out = [decompose(s, q, lam) for s, q, lam in zip(st.factors, st.bases, st.eigvals)]
+    slots = dict(st.slots)
+    _count(slots, REFRESH_FAILURE_SLOT, [~o[2] for o in out])
     return step._replace(state=st._replace(eigvals=tuple(o[0] for o in out),
-                                           bases=tuple(o[1] for o in out)))
+                                           bases=tuple(o[1] for o in out), slots=slots))
 
   def update(step: TensorStep) -> TensorStep:
     due = (step.count % precondition_frequency) == 0

@@ -18,6 +18,7 @@ from kl_optax import parts as P
 from kl_optax import routing
 from kl_optax import pro
 from kl_optax.compose import check_blocking, kron_transform, squeezed_shape
+from kl_optax.safety import skip_nonfinite
 from kl_optax.validation import check_range
 
 __all__ = [
@@ -168,7 +169,9 @@ def with_adam_fallback(
   Preconditioned leaves get ``−lr · (U + weight_decay · W)`` (decoupled weight
   decay at every step, the first included); the others get
   ``optax.adamw(adam_learning_rate or learning_rate, adam_b1, adam_b2, adam_eps,
-  weight_decay=adam_weight_decay or weight_decay)``. The split follows
+  weight_decay=adam_weight_decay or weight_decay)``. A leaf whose gradient,
+  update or state would not be finite skips the step
+  (:func:`kl_optax.skip_nonfinite`). The split follows
   :func:`kl_optax.kron_labels` (with ``block_size``, leaves with large dims stay
   in the Kronecker branch and are blocked there).
   """
@@ -192,9 +195,9 @@ def with_adam_fallback(
       weight_decay=weight_decay if adam_weight_decay is None else adam_weight_decay,
       mask=weight_decay_mask,
   )
-  return optax.partition(
+  return skip_nonfinite(optax.partition(
       {routing.KRON: kron_branch, routing.FALLBACK: adam_branch}, labels
-  )
+  ))
 
 
 _FALLBACK_ARGS_DOC = """weight_decay_mask: pytree of bools (or a function of the params returning
@@ -223,8 +226,9 @@ _ROUTING_DOC = """Routing, leaf by leaf: size-1 dims are squeezed; a leaf whose 
   Kronecker preconditioner when its dims are all ≤ ``max_precond_dim``; with
   ``block_size`` set, larger dims are cut into blocks of at most
   ``block_size`` (each block preconditioned on its own), without it such
-  tensors go to AdamW. Scalars, vectors (biases, norm scales) and excluded
-  leaves (embeddings and output heads are usually better there) go to AdamW
+  tensors go to AdamW. Very thin tensors, whose factors would hold more than
+  64 times their own entries (4096 × 2, say), go to AdamW. Scalars, vectors
+  (biases, norm scales) and excluded leaves (embeddings and output heads are usually better there) go to AdamW
   with its own hyperparameters. Non-floating leaves raise an error naming the
   leaf."""
 

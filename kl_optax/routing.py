@@ -8,7 +8,11 @@ The rule (``ALGORITHMS.md`` §7), applied leaf by leaf:
    ``max_precond_dim`` are cut into blocks of at most ``block_size``, each
    block preconditioned on its own; without ``block_size`` such tensors go to
    the fallback instead.
-3. Everything else — scalars, vectors (biases, norm scales), and leaves the
+3. A tensor whose factors would hold more than ``MAX_FACTOR_RATIO`` (64)
+   times its own number of entries — a very thin matrix such as 4096 × 2, whose
+   4096² factor would be 2048 times its size — goes to the fallback: for such
+   shapes a dense factor costs far more than it can help.
+4. Everything else — scalars, vectors (biases, norm scales), and leaves the
    user excluded (embeddings and output heads, typically) — goes to the AdamW
    fallback.
 
@@ -17,6 +21,7 @@ Non-floating leaves are an error (the message names the leaf).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +32,7 @@ from kl_optax.compose import check_floating, leaf_path, squeezed_shape
 
 __all__ = [
     "DEFAULT_MAX_PRECOND_DIM",
+    "MAX_FACTOR_RATIO",
     "KRON",
     "FALLBACK",
     "exclude",
@@ -37,6 +43,9 @@ __all__ = [
 KRON = "kron"
 FALLBACK = "adam"
 DEFAULT_MAX_PRECOND_DIM = 10_000
+# A tensor whose Kronecker factors would hold more entries than this many times
+# its own goes to the fallback (a 4096 × 2 matrix would need a 4096² factor).
+MAX_FACTOR_RATIO = 64.0
 
 MaskOrFn = Any  # a pytree of bools (or a prefix of the params tree), or params -> such a tree
 
@@ -73,6 +82,7 @@ def kron_labels(
     precondition_mask: MaskOrFn | None = None,
     *,
     block_size: int | None = None,
+    max_factor_ratio: float = MAX_FACTOR_RATIO,
 ) -> Any:
   """Labels each leaf ``'kron'`` (Kronecker preconditioner) or ``'adam'`` (fallback).
 
@@ -85,6 +95,8 @@ def kron_labels(
     block_size: when set, tensors with dims larger than ``max_precond_dim``
       stay ``'kron'`` (they are cut into blocks there) instead of going to
       the fallback.
+    max_factor_ratio: a tensor (or block) whose factors would hold more than
+      this many times its own number of entries goes to the fallback.
 
   Returns:
     A tree of labels with the structure of ``params``, for ``optax.partition``.
@@ -105,7 +117,11 @@ def kron_labels(
   for (path, leaf), ok in zip(flat, allowed):
     check_floating(path, leaf, "kron_labels")
     sq = squeezed_shape(leaf.shape)
-    eligible = ok and len(sq) >= 2 and (block_size is not None or max(sq) <= max_precond_dim)
+    blocked = block_size is not None
+    eligible = ok and len(sq) >= 2 and (blocked or max(sq) <= max_precond_dim)
+    if eligible:
+      block = [min(d, block_size) if blocked and d > max_precond_dim else d for d in sq]
+      eligible = sum(d * d for d in block) <= max_factor_ratio * math.prod(block)
     labels.append(KRON if eligible else FALLBACK)
   return treedef.unflatten(labels)
 

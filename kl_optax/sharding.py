@@ -32,6 +32,8 @@ import jax
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from kl_optax import _trees
+
 __all__ = [
     "context_mesh",
     "padded_stack_size",
@@ -179,49 +181,18 @@ def state_shardings(
   ]
   replicated = NamedSharding(mesh, PartitionSpec())
 
-  def is_masked(x):
-    return isinstance(x, optax.MaskedNode) or x is None
-
-  def as_params_like(node):
-    try:
-      flat = ptreedef.flatten_up_to(node)
-    except (ValueError, TypeError):
+  def kron(node):
+    if not isinstance(node, KronTransformState):
       return None
-    found = False
-    out = []
-    for x, p, s in zip(flat, flat_params, param_shardings):
-      if is_masked(x):
-        out.append(x)
-        continue
-      if not hasattr(x, "shape") or tuple(x.shape) != tuple(p.shape):
-        return None
-      found = True
-      out.append(s)
-    return ptreedef.unflatten(out) if found else None
 
-  def kron(node: KronTransformState):
     def place(x):
       return NamedSharding(mesh, stack_spec(x.shape[0], x.ndim, mesh))
 
     groups = node.groups
-    groups = (
-        jax.tree.map(place, groups) if isinstance(groups, tuple) else replicated
-    )
+    groups = jax.tree.map(place, groups) if isinstance(groups, tuple) else replicated
     return KronTransformState(count=replicated, groups=groups)
 
-  def visit(node):
-    if isinstance(node, KronTransformState):
-      return kron(node)
-    if is_masked(node):
-      return node
-    like = as_params_like(node)
-    if like is not None:
-      return like
-    children, treedef = jax.tree_util.tree_flatten(
-        node, is_leaf=lambda x: x is not node
-    )
-    if len(children) == 1 and children[0] is node:
-      return replicated
-    return treedef.unflatten([visit(c) for c in children])
+  def on_params(flat):
+    return [x if _trees.is_masked(x) else s for x, s in zip(flat, param_shardings)]
 
-  return visit(abstract)
+  return _trees.map_state(abstract, params, on_params, lambda _: replicated, stop=kron)

@@ -1,0 +1,407 @@
+"""Reliability: checkpoints, non-finite and extreme gradients, odd shapes, failed refreshes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import kl_optax
+from kl_optax import kron
+
+RECIPES = {
+    "kl_shampoo": dict(init_factor=1e-3),
+    "kl_soap": {},
+    "soap": {},
+    "shampoo": {},
+    "eshampoo": {},
+    "pro_kl_shampoo": dict(rank=2),
+}
+NAMES = list(RECIPES)
+
+
+def make(name, learning_rate=1e-2, **kwargs):
+  return getattr(kl_optax, name)(learning_rate,
+                                 **{"precondition_frequency": 3, **RECIPES[name], **kwargs})
+
+
+def _problem(dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
+  w_star = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+  t_star = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)
+  y = x @ w_star + 0.5
+  params = {"w": jnp.zeros((6, 5), dtype), "b": jnp.zeros((5,), dtype),
+            "t": jnp.zeros((2, 3, 4), dtype)}
+
+  def loss(p):
+    p = jax.tree.map(lambda v: v.astype(jnp.float32), p)
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2) + jnp.mean((p["t"] - t_star) ** 2)
+
+  return params, loss
+
+
+def _all_finite(tree):
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+def _stepper(tx, loss):
+  @jax.jit
+  def step(params, state, scale, poison):
+    grads = jax.grad(loss)(params)
+    grads = jax.tree.map(lambda g: (g.astype(jnp.float32) * scale).astype(g.dtype), grads)
+    grads = {k: jnp.where(poison[k], jnp.nan, g) for k, g in grads.items()}
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates, loss(params)
+  return step
+
+
+NO_POISON = {"w": False, "b": False, "t": False}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _run(step, params, state, n, start=0):
+  for t in range(start, start + n):
+    params, state, _, _ = step(params, state, jnp.float32(1.0 + 0.1 * (t % 3)), NO_POISON)
+  return params, state
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_from_checkpoint_is_bit_identical(name, tmp_path):
+  tx = make(name)
+  params, loss = _problem()
+  step = _stepper(tx, loss)
+  p, s = _run(step, params, tx.init(params), 8)      # refreshes at 3, 6 ...
+  kl_optax.checkpoint.save(tmp_path / "ckpt", {"params": p, "opt_state": s})
+  want_p, want_s = _run(step, p, s, 7, start=8)       # ... and at 9, 12 after the restore
+  target = jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})
+  restored = kl_optax.checkpoint.restore(tmp_path / "ckpt", target)
+  got_p, got_s = _run(step, restored["params"], restored["opt_state"], 7, start=8)
+  jax.tree.map(np.testing.assert_array_equal, got_p, want_p)
+  jax.tree.map(np.testing.assert_array_equal, got_s, want_s)
+  assert jax.tree.structure(got_s) == jax.tree.structure(want_s)
+
+
+def test_restore_into_a_mismatched_model_names_the_leaves(tmp_path):
+  tx = make("kl_shampoo")
+  params, _ = _problem()
+  kl_optax.checkpoint.save(tmp_path / "ckpt", tx.init(params))
+  other = dict(params, w=jnp.zeros((6, 7)))
+  with pytest.raises(ValueError, match=r"does not match the restore target") as err:
+    kl_optax.checkpoint.restore(tmp_path / "ckpt", jax.eval_shape(tx.init, other))
+  # The stacked state of the (6, 5) leaf is named, with both shapes.
+  assert "checkpoint has float32[1, 6, 5], target has float32[1, 6, 7]" in str(err.value)
+  assert "slots/mu: checkpoint has" in str(err.value)
+
+
+def test_nnx_optimizer_checkpoint_resumes_bit_identically(tmp_path):
+  from flax import nnx
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+
+  def build():
+    model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), jax.nn.tanh,
+                           nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+    return model, nnx.Optimizer(model, make("kl_shampoo"), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+
+  model, optimizer = build()
+  for _ in range(5):
+    train_step(model, optimizer)
+  kl_optax.checkpoint.save(tmp_path / "ckpt", {"model": nnx.state(model),
+                                               "optimizer": nnx.state(optimizer)})
+  for _ in range(6):
+    train_step(model, optimizer)
+  want = nnx.state(model)
+
+  model2, optimizer2 = build()
+  target = {"model": nnx.state(model2), "optimizer": nnx.state(optimizer2)}
+  restored = kl_optax.checkpoint.restore(tmp_path / "ckpt", target)
+  nnx.update(model2, restored["model"])
+  nnx.update(optimizer2, restored["optimizer"])
+  for _ in range(6):
+    train_step(model2, optimizer2)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model2), want)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
+def test_sharded_checkpoint_resumes_bit_identically(tmp_path):
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  tx = make("kl_shampoo")
+  params, loss = _problem()
+  specs = {"w": P("data", None), "b": P(None), "t": P(None, None, "model")}
+  with jax.set_mesh(mesh):
+    params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
+    shardings = kl_optax.state_shardings(tx, params)
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    step = _stepper(tx, loss)
+    p, s = _run(step, params, state, 8)
+    kl_optax.checkpoint.save(tmp_path / "ckpt", {"params": p, "opt_state": s})
+    want_p, want_s = _run(step, p, s, 7, start=8)
+    target = kl_optax.checkpoint.abstract_like(
+        {"params": params, "opt_state": state},
+        {"params": jax.tree.map(lambda v: v.sharding, params), "opt_state": shardings})
+    restored = kl_optax.checkpoint.restore(tmp_path / "ckpt", target)
+    assert jax.tree.map(lambda v: v.sharding, restored["opt_state"]) == shardings
+    got_p, got_s = _run(step, restored["params"], restored["opt_state"], 7, start=8)
+  jax.tree.map(np.testing.assert_array_equal, got_p, want_p)
+  jax.tree.map(np.testing.assert_array_equal, got_s, want_s)
+
+
+# ---------------------------------------------------------------- non-finite gradients
+
+
+def _kron_groups(state):
+  return [g for st in kl_optax.kron_states(state) if isinstance(st.groups, tuple)
+          for g in st.groups]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", ["w", "b", "t"])
+def test_nonfinite_gradient_never_reaches_the_state(name, bad):
+  tx = make(name)
+  params, loss = _problem()
+  step = _stepper(tx, loss)
+  state = tx.init(params)
+  for _ in range(4):
+    params, state, _, _ = step(params, state, jnp.float32(1.0), NO_POISON)
+  before = state
+  for t in range(3):   # the same leaf is bad three times, one of them a refresh step
+    poison = dict(NO_POISON, **{bad: True})
+    params, state, updates, _ = step(params, state, jnp.float32(1.0), poison)
+    assert _all_finite(state) and _all_finite(updates)
+    np.testing.assert_array_equal(updates[bad], 0.0)
+    for k in updates:
+      if k != bad:
+        assert float(jnp.abs(updates[k]).max()) > 0.0, k
+  skips = kl_optax.nonfinite_skips(state)
+  assert skips[f"['{bad}']"] == 3
+  assert all(v == 0 for k, v in skips.items() if k.startswith("['") and k != f"['{bad}']")
+  if bad != "b":   # the bad tensor's Kronecker state is exactly what it was
+    sq = kl_optax.compose.squeezed_shape(params[bad].shape)
+    for old, new in zip(_kron_groups(before), _kron_groups(state)):
+      if tuple(f.shape[-1] for f in new.factors) == sq:
+        for a, b in zip(old.factors + old.bases + old.eigvals, new.factors + new.bases + new.eigvals):
+          np.testing.assert_array_equal(a, b)
+  # Training goes on: the bad leaf resumes when its gradient is finite again.
+  params, state, updates, _ = step(params, state, jnp.float32(1.0), NO_POISON)
+  assert float(jnp.abs(updates[bad]).max()) > 0.0
+
+
+def test_nonfinite_gradient_at_initialization():
+  tx = make("kl_shampoo")
+  params, loss = _problem()
+  step = _stepper(tx, loss)
+  state = tx.init(params)
+  params, state, updates, _ = step(params, state, jnp.float32(1.0), dict(NO_POISON, w=True))
+  assert _all_finite(state)
+  for _ in range(10):
+    params, state, updates, _ = step(params, state, jnp.float32(1.0), NO_POISON)
+    assert _all_finite(state) and _all_finite(updates)
+
+
+def test_apply_if_finite_still_composes():
+  tx = optax.apply_if_finite(make("kl_shampoo"), max_consecutive_errors=2)
+  params, loss = _problem()
+  step = _stepper(tx, loss)
+  state = tx.init(params)
+  for _ in range(3):
+    params, state, _, _ = step(params, state, jnp.float32(1.0), NO_POISON)
+  before = state
+  params, state, updates, _ = step(params, state, jnp.float32(1.0), dict(NO_POISON, b=True))
+  assert int(state.notfinite_count) == 1 and not bool(state.last_finite)
+  jax.tree.map(np.testing.assert_array_equal, state.inner_state, before.inner_state)
+  jax.tree.map(lambda u: np.testing.assert_array_equal(u, 0.0), updates)
+
+
+# ---------------------------------------------------------------- extreme gradients
+
+SCENARIOS = {
+    # name: (scale per step (steps not listed: 1), steps)
+    "zeros": ({t: 0.0 for t in range(5, 45)}, 90),
+    "tiny_1e-30": ({t: 1e-30 for t in range(10, 30)}, 80),
+    "huge_1e30": ({t: 1e30 for t in range(10, 15)}, 80),
+    "spike_1e6": ({10: 1e6}, 80),
+}
+
+
+# KL-Shampoo and Pro-KLShampoo whiten the momentum with the statistics of the
+# previous step (ALGORITHMS.md §1, §5), so a sudden 1e6× gradient makes one
+# step about 1e5× too long: the state stays finite but this least-squares
+# problem does not come back within the run. With gradient clipping in front
+# (optax.clip_by_global_norm, as in any pre-training recipe) they recover.
+# KL-SOAP comes back below its pre-spike loss and then drifts above it again.
+NEEDS_CLIPPING = {("kl_shampoo", "spike_1e6"), ("pro_kl_shampoo", "spike_1e6"),
+                  ("pro_kl_shampoo", "huge_1e30"), ("kl_soap", "spike_1e6")}
+
+
+def _episode(tx, loss, params0, scales, steps):
+  step = _stepper(tx, loss)
+  params, state = params0, tx.init(params0)
+  losses = []
+  for t in range(steps):
+    params, state, updates, value = step(params, state, jnp.float32(scales.get(t, 1.0)),
+                                         NO_POISON)
+    assert _all_finite(state) and _all_finite(updates), t
+    losses.append(float(value))
+  # Recovered: at the end the loss is below where it stood when the episode began.
+  return losses[-1] < losses[min(scales)], losses
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_extreme_gradients_keep_state_finite_and_training_recovers(name):
+  params0, loss = _problem()
+  for scenario, (scales, steps) in SCENARIOS.items():
+    recovered, losses = _episode(make(name), loss, params0, scales, steps)
+    if (name, scenario) in NEEDS_CLIPPING:
+      clipped = optax.chain(optax.clip_by_global_norm(1.0), make(name))
+      recovered, losses = _episode(clipped, loss, params0, scales, steps)
+    assert recovered, (scenario, losses[min(scales)], losses[-1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_params_and_gradients(name):
+  final = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    params, loss = _problem(dtype)
+    tx = make(name)
+    step = _stepper(tx, loss)
+    state = tx.init(params)
+    for _ in range(40):
+      params, state, updates, value = step(params, state, jnp.float32(1.0), NO_POISON)
+      assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
+      assert _all_finite(state) and _all_finite(updates)
+    assert all(p.dtype == dtype for p in jax.tree.leaves(params))
+    final[dtype] = float(value)
+  # bfloat16 training makes at least half the progress of float32 training.
+  start = float(loss(_problem()[0]))
+  assert start - final[jnp.bfloat16] >= 0.5 * (start - final[jnp.float32]), (start, final)
+
+
+# ---------------------------------------------------------------- odd shapes
+
+ODD = {
+    "row": (1, 9), "column": (9, 1), "tall_thin": (4096, 2), "wide_thin": (2, 4096),
+    "ones_inside": (1, 5, 1, 3), "order4": (3, 4, 2, 5), "scalar": (), "size1": (1,),
+}
+EXPECTED = {"row": "adam", "column": "adam", "tall_thin": "adam", "wide_thin": "adam",
+            "ones_inside": "kron", "order4": "kron", "scalar": "adam", "size1": "adam"}
+
+
+def test_odd_shapes_are_routed_as_documented():
+  params = {k: jnp.zeros(s) for k, s in ODD.items()}
+  assert kl_optax.kron_labels(params) == EXPECTED
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_odd_shapes_train(name):
+  rng = np.random.default_rng(2)
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in ODD.items()}
+  tx = make(name)
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for t in range(7):
+    grads = jax.tree.map(lambda p: p * (1.0 + t), params)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)
+    assert _all_finite(state) and _all_finite(updates)
+  assert float(jnp.abs(updates["order4"]).max()) > 0.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_pytree(name):
+  tx = make(name)
+  state = tx.init({})
+  updates, state = jax.jit(tx.update)({}, state, {})
+  assert updates == {}
+
+
+# ---------------------------------------------------------------- failed refreshes
+
+
+def _state_with_nan_factor():
+  g = jnp.asarray(np.random.default_rng(3).normal(size=(4, 3)), jnp.float32)
+  st = kl_optax.init_kron_state((4, 3), {"refreshes": jnp.zeros((2,), jnp.int32),
+                                         "refresh_failures": jnp.zeros((2,), jnp.int32)})
+  factors = (g @ g.T, jnp.full((3, 3), jnp.nan))
+  bases = (jnp.eye(4), jnp.eye(3)[:, ::-1])
+  return g, st._replace(factors=factors, bases=bases)
+
+
+@pytest.mark.parametrize("part", [kl_optax.qr_basis_refresh(5), kl_optax.eigh_basis_refresh(5)],
+                         ids=["qr", "eigh"])
+def test_failed_refresh_keeps_the_basis_and_counts(part):
+  g, st = _state_with_nan_factor()
+  out = part.update(kl_optax.TensorStep(st, g, g, jnp.int32(5))).state
+  np.testing.assert_array_equal(out.bases[1], st.bases[1])
+  assert out.slots["refresh_failures"].tolist() == [0, 1]
+  assert out.slots["refreshes"].tolist() == [1, 0]
+  assert bool(jnp.all(jnp.isfinite(out.bases[0])))
+
+
+def test_failed_qr_inside_a_recipe_keeps_training(monkeypatch):
+  real = kron.qr_power_step
+  monkeypatch.setattr(kron, "qr_power_step", lambda s, q: real(s, q) * jnp.nan)
+  tx = make("kl_shampoo")
+  params, loss = _problem()
+  step = _stepper(tx, loss)
+  state = tx.init(params)
+  params, state, _, _ = step(params, state, jnp.float32(1.0), NO_POISON)
+  bases = [b for g in _kron_groups(state) for b in g.bases]
+  for _ in range(6):    # refreshes at t = 3 and 6 all fail
+    params, state, updates, _ = step(params, state, jnp.float32(1.0), NO_POISON)
+    assert _all_finite(state) and _all_finite(updates)
+  for a, b in zip(bases, [b for g in _kron_groups(state) for b in g.bases]):
+    np.testing.assert_array_equal(a, b)
+  for g in _kron_groups(state):
+    assert (np.asarray(g.slots["refresh_failures"]) == 2).all()
+    assert (np.asarray(g.slots["refreshes"]) == 0).all()
+
+
+# ---------------------------------------------------------------- input validation
+
+BAD_ARGS = [("b1", 1.0), ("b1", -0.1), ("b2", 1.0), ("b2", -0.5), ("eps", -1e-8),
+            ("precondition_frequency", 0), ("block_size", 0)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("arg,value", BAD_ARGS, ids=[f"{a}={v}" for a, v in BAD_ARGS])
+def test_invalid_hyperparameters_name_the_argument(name, arg, value):
+  with pytest.raises(ValueError, match=arg):
+    make(name, **{arg: value})
+
+
+def test_invalid_rank_names_the_argument():
+  with pytest.raises(ValueError, match="rank"):
+    kl_optax.pro_kl_shampoo(1e-2, rank=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64], ids=["int32", "complex64"])
+def test_non_real_floating_leaves_name_the_path(name, dtype):
+  params = {"layer": {"w": jnp.zeros((4, 3)), "bad": jnp.zeros((4, 3), dtype)}}
+  with pytest.raises(TypeError, match=r"\['layer'\]\['bad'\]"):
+    make(name).init(params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mismatched_gradients_name_the_leaf(name):
+  tx = make(name)
+  params, _ = _problem()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"\['b'\]"):
+    tx.update(dict(params, b=jnp.zeros((7,))), state, params)
+  with pytest.raises(ValueError, match=r"\['w'\]"):
+    tx.update(dict(params, w=jnp.zeros((6, 7))), state, params)
+  with pytest.raises(ValueError, match=r"\['extra'\]"):
+    tx.update(dict(params, extra=jnp.zeros((3,))), state, params)
