@@ -37,7 +37,6 @@ import time  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
-import optax  # pylint: disable=wrong-import-position
 from flax import nnx  # pylint: disable=wrong-import-position
 from jax.sharding import AxisType, NamedSharding  # pylint: disable=wrong-import-position
 from jax.sharding import PartitionSpec as P  # pylint: disable=wrong-import-position
@@ -91,15 +90,8 @@ def main(argv=None):
     batch_sharding = NamedSharding(mesh, P("data", None))
     replicated = NamedSharding(mesh, P())
 
-    def train_step(params, opt_state, inputs, targets):
-      def loss(p):
-        return gpt.loss_fn(nnx.merge(graphdef, p, rest), inputs, targets)
-      value, grads = jax.value_and_grad(loss)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, value
-
     train_step = jax.jit(
-        train_step, donate_argnums=(0, 1),
+        gpt.make_train_step(graphdef, rest, tx), donate_argnums=(0, 1),
         out_shardings=(param_shardings, state_shardings, replicated))
     eval_loss = jax.jit(lambda p, x, y: gpt.loss_fn(nnx.merge(graphdef, p, rest), x, y))
 

@@ -18,7 +18,8 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["ADAM_LEAVES", "GPT", "GPTConfig", "PARAM_RULES", "loss_fn", "param_spec"]
+__all__ = ["ADAM_LEAVES", "GPT", "GPTConfig", "PARAM_RULES", "loss_fn", "make_train_step",
+           "param_spec"]
 
 # Leaves that recipes should send to AdamW (regular expressions on their paths).
 ADAM_LEAVES = (r"\['embed'\]", r"\['pos'\]", r"\['head'\]")
@@ -111,3 +112,14 @@ def loss_fn(model: GPT, inputs, targets):
   """Mean next-character cross-entropy (nats)."""
   logits = model(inputs)
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def make_train_step(graphdef, rest, tx):
+  """``(params, opt_state, inputs, targets) -> (params, opt_state, loss)`` for a split GPT."""
+  def step(params, opt_state, inputs, targets):
+    def loss(p):
+      return loss_fn(nnx.merge(graphdef, p, rest), inputs, targets)
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+  return step

@@ -39,7 +39,6 @@ import time  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
-import optax  # pylint: disable=wrong-import-position
 from flax import nnx  # pylint: disable=wrong-import-position
 from jax.sharding import AxisType, NamedSharding  # pylint: disable=wrong-import-position
 from jax.sharding import PartitionSpec as P  # pylint: disable=wrong-import-position
@@ -74,16 +73,6 @@ def _batch(batch, context, seed=0):
   return tokens[:, :-1], tokens[:, 1:]
 
 
-def _train_step(graphdef, rest, tx):
-  def step(params, opt_state, inputs, targets):
-    def loss(p):
-      return gpt.loss_fn(nnx.merge(graphdef, p, rest), inputs, targets)
-    value, grads = jax.value_and_grad(loss)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value
-  return step
-
-
 def _compile_seconds(fn, *args):
   t0 = time.perf_counter()
   jax.jit(fn).lower(*args).compile()
@@ -99,7 +88,7 @@ def compile_times(optimizers, depths, d_model, context, batch) -> dict:
       tx = _optimizer(name, 100)
       state = tx.init(params)
       grads = jax.tree.map(lambda p: p * 0.5, params)
-      step_s = _compile_seconds(_train_step(graphdef, rest, tx), params, state, x, y)
+      step_s = _compile_seconds(gpt.make_train_step(graphdef, rest, tx), params, state, x, y)
       update_s = _compile_seconds(lambda g, s, p: tx.update(g, s, p), grads, state, params)
       out[f"{name}@{layers}"] = {"train_step_s": step_s, "update_s": update_s}
       print(f"  compile  {name:>10s}  {layers:3d} layers: train step {step_s:6.2f} s, "
@@ -155,7 +144,7 @@ def step_times(optimizers, d_model, layers, context, batch, model_parallel, step
       state = jax.jit(tx.init, out_shardings=s_shardings)(params)
       data = NamedSharding(mesh, P("data", None))
       inputs, targets = jax.device_put(x, data), jax.device_put(y, data)
-      step = jax.jit(_train_step(graphdef, rest, tx), donate_argnums=(0, 1),
+      step = jax.jit(gpt.make_train_step(graphdef, rest, tx), donate_argnums=(0, 1),
                      out_shardings=(p_shardings, s_shardings, NamedSharding(mesh, P())))
       times = []
       for t in range(steps + 2):
