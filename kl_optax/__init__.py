@@ -91,13 +91,14 @@ from kl_optax.recipes import (
     with_adam_fallback,
 )
 from kl_optax.routing import exclude, kron_labels
-from kl_optax.safety import SkipNonFiniteState, nonfinite_skips, skip_nonfinite
+from kl_optax.safety import SkipNonFiniteState, check_gradients, nonfinite_skips, skip_nonfinite
 from kl_optax.sharding import state_shardings
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SkipNonFiniteState",
+    "check_gradients",
     "nonfinite_skips",
     "skip_nonfinite",
     "state_shardings",

@@ -18,7 +18,7 @@ from kl_optax import parts as P
 from kl_optax import routing
 from kl_optax import pro
 from kl_optax.compose import check_blocking, kron_transform, squeezed_shape
-from kl_optax.safety import skip_nonfinite
+from kl_optax.safety import check_gradients, skip_nonfinite
 from kl_optax.validation import check_range
 
 __all__ = [
@@ -169,9 +169,12 @@ def with_adam_fallback(
   Preconditioned leaves get ``−lr · (U + weight_decay · W)`` (decoupled weight
   decay at every step, the first included); the others get
   ``optax.adamw(adam_learning_rate or learning_rate, adam_b1, adam_b2, adam_eps,
-  weight_decay=adam_weight_decay or weight_decay)``. A leaf whose gradient,
-  update or state would not be finite skips the step
-  (:func:`kl_optax.skip_nonfinite`). The split follows
+  weight_decay=adam_weight_decay or weight_decay)``. A tensor whose gradient,
+  update or state would not be finite skips the step (per stacked tensor in
+  :func:`kl_optax.kron_transform`, per leaf through
+  :func:`kl_optax.skip_nonfinite` in the AdamW branch), and gradients that do
+  not match the state raise an error naming the leaf
+  (:func:`kl_optax.check_gradients`). The split follows
   :func:`kl_optax.kron_labels` (with ``block_size``, leaves with large dims stay
   in the Kronecker branch and are blocked there).
   """
@@ -195,8 +198,10 @@ def with_adam_fallback(
       weight_decay=weight_decay if adam_weight_decay is None else adam_weight_decay,
       mask=weight_decay_mask,
   )
-  return skip_nonfinite(optax.partition(
-      {routing.KRON: kron_branch, routing.FALLBACK: adam_branch}, labels
+  # The Kronecker branch guards its own state per tensor (kron_transform); the
+  # AdamW branch gets the same policy per leaf.
+  return check_gradients(optax.partition(
+      {routing.KRON: kron_branch, routing.FALLBACK: skip_nonfinite(adam_branch)}, labels
   ))
 
 
@@ -523,7 +528,7 @@ def scale_by_soap(
     >>> tx = kl_optax.scale_by_soap()
     >>> state = tx.init(jnp.zeros((3, 4)))
     >>> sorted(state.groups[0].slots)
-    ['mu_eig', 'nu_eig', 'refreshes']
+    ['mu_eig', 'nonfinite_skips', 'nu_eig', 'refresh_failures', 'refreshes']
 
   References:
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam

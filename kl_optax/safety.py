@@ -1,21 +1,24 @@
 """Keeping non-finite numbers out of optimizer state.
 
-Every recipe applies this policy, leaf by leaf:
+The policy of every recipe:
 
-* a leaf whose gradient is not finite (NaN or ±Inf), or whose update or
-  parameter-shaped state (AdamW's moments, for example) would come out not
-  finite, skips the step: its update is zero and those state entries keep
-  their previous values;
-* any other floating-point state entry that would come out not finite keeps
-  its previous value;
-* the skips are counted per leaf (:func:`nonfinite_skips`);
-* the other leaves update as usual, so one bad tensor does not stop training.
+* a tensor whose gradient is not finite (NaN or ±Inf), or whose update or
+  state would come out not finite (overflow), skips the step: its state keeps
+  its previous values and its update is zero (a Kronecker-preconditioned
+  tensor still gets its decoupled weight decay, which does not depend on the
+  gradient);
+* skips are counted (:func:`nonfinite_skips`): per stacked tensor inside
+  :func:`~kl_optax.kron_transform`, per leaf in the AdamW branch, which
+  :func:`skip_nonfinite` wraps;
+* the other tensors update as usual, so one bad tensor does not stop training.
 
-Inside :func:`~kl_optax.kron_transform` the same rule holds per tensor (and
-per block) for the stacked Kronecker state. Shared counters (the step count of
-an AdamW branch, learning-rate schedules) still advance. To drop a whole step
-instead whenever any gradient is bad, wrap the optimizer in
-``optax.apply_if_finite``; both compose.
+:func:`skip_nonfinite` applies the rule to any optax transformation, leaf by
+leaf, for the parameter-shaped parts of its state (AdamW's moments, for
+example); any other floating-point state entry that would come out not finite
+keeps its previous value. Shared counters (the step count of an AdamW branch,
+learning-rate schedules) still advance. To drop a whole step instead whenever
+any gradient is bad, wrap the optimizer in ``optax.apply_if_finite``; both
+compose.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import optax
 from kl_optax import _trees
 from kl_optax.compose import SKIP_SLOT, kron_states, leaf_path
 
-__all__ = ["SkipNonFiniteState", "nonfinite_skips", "skip_nonfinite"]
+__all__ = ["SkipNonFiniteState", "check_gradients", "nonfinite_skips", "skip_nonfinite"]
 
 
 class SkipNonFiniteState(NamedTuple):
@@ -110,25 +113,57 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
 
 
 def _paths(tree) -> list[str]:
-  return [leaf_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_trees.is_masked)[0]
+  return [leaf_path(p) for p, _ in flat]
 
 
-def _check_matches(updates, state: SkipNonFiniteState) -> None:
+def check_gradients(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` with a check, at trace time only, that the gradients match the state.
+
+  The leaf paths are compared with the counters of the first
+  :class:`SkipNonFiniteState` in the state, and each leaf's shape with every
+  parameter-shaped sub-tree of the state (AdamW's moments, for example). A
+  mismatch raises ``ValueError`` naming the leaves. Nothing is added to the
+  compiled step.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _check_matches(updates, state)
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def _first_skips(state):
+  found = []
+
+  def visit(x):
+    if isinstance(x, SkipNonFiniteState):
+      found.append(x.skips)
+      return True
+    return False
+
+  jax.tree_util.tree_flatten(state, is_leaf=visit)
+  return found[0] if found else None
+
+
+def _check_matches(updates, state) -> None:
   """Raises ``ValueError`` naming the leaves where the gradients and the state disagree."""
-  if jax.tree.structure(updates) != jax.tree.structure(state.skips):
-    have, want = _paths(updates), _paths(state.skips)
-    extra = sorted(set(have) - set(want))
-    missing = sorted(set(want) - set(have))
-    raise ValueError(
-        "The gradients do not match the optimizer state: "
-        + (f"leaves not in the state: {extra}; " if extra else "")
-        + (f"leaves missing from the gradients: {missing}; " if missing else "")
-        + ("the same leaves in a different tree structure; " if not extra and not missing else "")
-        + "was the state initialized with different parameters?")
-  flat_updates = jax.tree.leaves(updates)
+  skips = _first_skips(state)
+  if skips is not None:
+    have, want = _paths(updates), _paths(skips)
+    if have != want:
+      extra = sorted(set(have) - set(want))
+      missing = sorted(set(want) - set(have))
+      raise ValueError(
+          "The gradients do not match the optimizer state: "
+          + (f"leaves not in the state: {extra}; " if extra else "")
+          + (f"leaves missing from the gradients: {missing}; " if missing else "")
+          + ("the same leaves in a different order; " if not extra and not missing else "")
+          + "was the state initialized with different parameters?")
+  flat_updates, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_trees.is_masked)
   paths = _paths(updates)
-  flat_params, treedef = jax.tree_util.tree_flatten(updates)
-  del flat_params
 
   def check(node):
     try:
@@ -138,7 +173,9 @@ def _check_matches(updates, state: SkipNonFiniteState) -> None:
     if not all(_trees.is_masked(x) or hasattr(x, "shape") for x in flat):
       return
     for x, g, path in zip(flat, flat_updates, paths):
-      if not _trees.is_masked(x) and tuple(x.shape) != tuple(g.shape):
+      if _trees.is_masked(x) or _trees.is_masked(g):
+        continue
+      if tuple(x.shape) != tuple(g.shape):
         raise ValueError(
             f"The gradients do not match the optimizer state: leaf {path} has shape "
             f"{tuple(g.shape)}, the state holds {tuple(x.shape)} for it. Was the state "
@@ -147,13 +184,16 @@ def _check_matches(updates, state: SkipNonFiniteState) -> None:
   def visit(node):
     if isinstance(node, jax.Array) or node is None or _trees.is_masked(node):
       return
+    if isinstance(node, SkipNonFiniteState):   # its counters are scalars per leaf
+      visit(node.inner_state)
+      return
     check(node)
     children, _ = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
     if not (len(children) == 1 and children[0] is node):
       for c in children:
         visit(c)
 
-  visit(state.inner_state)
+  visit(state)
 
 
 def nonfinite_skips(opt_state) -> dict[str, Any]:

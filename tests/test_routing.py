@@ -48,7 +48,7 @@ def test_recipe_routes_and_updates_every_leaf():
   params = _params()
   tx = kl_optax.kl_shampoo(1e-2, precondition_mask=kl_optax.exclude("embed"))
   state = tx.init(params)
-  kron_state = state.inner_state.inner_states["kron"].inner_state[0]
+  kron_state = state.inner_states["kron"].inner_state[0]
   # Preconditioned: two (8,16)/(16,8) matrices and the conv kernel -> 3 shape groups.
   assert [g.factors[0].shape[0] for g in kron_state.groups] == [1, 1, 1]
   grads = jax.tree.map(jnp.ones_like, params)
