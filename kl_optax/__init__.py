@@ -25,7 +25,7 @@ Routing (:mod:`kl_optax.routing`)
 Checkpoints (:mod:`kl_optax.checkpoint`)
   ``checkpoint.save`` / ``checkpoint.restore``: Orbax, with a clear error on a mismatch.
 Non-finite values (:mod:`kl_optax.safety`)
-  ``skip_nonfinite`` and ``nonfinite_skips``: bad gradients skip the step, leaf by leaf.
+  ``zero_nonfinite``, ``skip_nonfinite``, ``check_gradients``, ``nonfinite_skips``.
 Sharding (:mod:`kl_optax.sharding`)
   ``state_shardings``: the optimizer-state shardings for a params sharding.
 
@@ -91,13 +91,22 @@ from kl_optax.recipes import (
     with_adam_fallback,
 )
 from kl_optax.routing import exclude, kron_labels
-from kl_optax.safety import SkipNonFiniteState, check_gradients, nonfinite_skips, skip_nonfinite
+from kl_optax.safety import (
+    SkipNonFiniteState,
+    ZeroNonFiniteState,
+    check_gradients,
+    nonfinite_skips,
+    skip_nonfinite,
+    zero_nonfinite,
+)
 from kl_optax.sharding import state_shardings
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SkipNonFiniteState",
+    "ZeroNonFiniteState",
+    "zero_nonfinite",
     "check_gradients",
     "nonfinite_skips",
     "skip_nonfinite",

@@ -18,7 +18,7 @@ from kl_optax import parts as P
 from kl_optax import routing
 from kl_optax import pro
 from kl_optax.compose import check_blocking, kron_transform, squeezed_shape
-from kl_optax.safety import check_gradients, skip_nonfinite
+from kl_optax.safety import check_gradients, zero_nonfinite
 from kl_optax.validation import check_range
 
 __all__ = [
@@ -169,11 +169,11 @@ def with_adam_fallback(
   Preconditioned leaves get ``−lr · (U + weight_decay · W)`` (decoupled weight
   decay at every step, the first included); the others get
   ``optax.adamw(adam_learning_rate or learning_rate, adam_b1, adam_b2, adam_eps,
-  weight_decay=adam_weight_decay or weight_decay)``. A tensor whose gradient,
-  update or state would not be finite skips the step (per stacked tensor in
-  :func:`kl_optax.kron_transform`, per leaf through
-  :func:`kl_optax.skip_nonfinite` in the AdamW branch), and gradients that do
-  not match the state raise an error naming the leaf
+  weight_decay=adam_weight_decay or weight_decay)``. A preconditioned tensor
+  whose gradient, statistics or update would not be finite skips the step (see
+  :func:`kl_optax.kron_transform`); the AdamW branch zeroes non-finite
+  gradient entries (:func:`kl_optax.zero_nonfinite`); gradients that do not
+  match the state raise an error naming the leaf
   (:func:`kl_optax.check_gradients`). The split follows
   :func:`kl_optax.kron_labels` (with ``block_size``, leaves with large dims stay
   in the Kronecker branch and are blocked there).
@@ -199,10 +199,10 @@ def with_adam_fallback(
       mask=weight_decay_mask,
   )
   # The Kronecker branch guards its own state per tensor (kron_transform); the
-  # AdamW branch gets the same policy per leaf.
+  # AdamW branch zeroes non-finite gradient entries (elementwise, fused).
   return check_gradients(optax.partition(
-      {routing.KRON: kron_branch, routing.FALLBACK: skip_nonfinite(adam_branch)}, labels
-  ))
+      {routing.KRON: kron_branch, routing.FALLBACK: optax.chain(zero_nonfinite(), adam_branch)},
+      labels))
 
 
 _FALLBACK_ARGS_DOC = """weight_decay_mask: pytree of bools (or a function of the params returning

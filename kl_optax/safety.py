@@ -2,23 +2,24 @@
 
 The policy of every recipe:
 
-* a tensor whose gradient is not finite (NaN or ±Inf), or whose update or
-  state would come out not finite (overflow), skips the step: its state keeps
-  its previous values and its update is zero (a Kronecker-preconditioned
-  tensor still gets its decoupled weight decay, which does not depend on the
-  gradient);
-* skips are counted (:func:`nonfinite_skips`): per stacked tensor inside
-  :func:`~kl_optax.kron_transform`, per leaf in the AdamW branch, which
-  :func:`skip_nonfinite` wraps;
-* the other tensors update as usual, so one bad tensor does not stop training.
+* a Kronecker-preconditioned tensor (or block) whose gradient is not finite
+  (NaN or ±Inf), or whose statistics or update would come out not finite
+  (overflow), skips the step: its state keeps its previous values and its
+  update is zero apart from the decoupled weight decay, which does not depend
+  on the gradient (inside :func:`~kl_optax.kron_transform`, counted per
+  tensor);
+* in the AdamW branch, non-finite gradient entries are zeroed and magnitudes
+  capped (:func:`zero_nonfinite`, counted per leaf), so the moments stay
+  finite;
+* everything else updates as usual, so one bad tensor does not stop training;
+* gradients that do not match the state raise an error naming the leaf
+  (:func:`check_gradients`).
 
-:func:`skip_nonfinite` applies the rule to any optax transformation, leaf by
-leaf, for the parameter-shaped parts of its state (AdamW's moments, for
-example); any other floating-point state entry that would come out not finite
-keeps its previous value. Shared counters (the step count of an AdamW branch,
-learning-rate schedules) still advance. To drop a whole step instead whenever
-any gradient is bad, wrap the optimizer in ``optax.apply_if_finite``; both
-compose.
+:func:`skip_nonfinite` is the stricter rule for any optax transformation:
+leaf by leaf, a bad gradient, update or parameter-shaped state makes the
+whole leaf skip the step. It costs a few operations per leaf. To drop a whole
+step whenever any gradient is bad, wrap the optimizer in
+``optax.apply_if_finite``; all of these compose.
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ import jax.numpy as jnp
 import optax
 
 from kl_optax import _trees
-from kl_optax.compose import SKIP_SLOT, kron_states, leaf_path
+from kl_optax.compose import SKIP_SLOT, KronTransformState, kron_states, leaf_path
 
-__all__ = ["SkipNonFiniteState", "check_gradients", "nonfinite_skips", "skip_nonfinite"]
+__all__ = [
+    "SkipNonFiniteState",
+    "ZeroNonFiniteState",
+    "check_gradients",
+    "nonfinite_skips",
+    "skip_nonfinite",
+    "zero_nonfinite",
+]
 
 
 class SkipNonFiniteState(NamedTuple):
@@ -112,6 +120,56 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+class ZeroNonFiniteState(NamedTuple):
+  """State of :func:`zero_nonfinite`.
+
+  Attributes:
+    counts: per leaf, the number of steps in which its gradient had non-finite
+      entries (int32).
+  """
+
+  counts: Any
+
+
+def zero_nonfinite(max_abs: float = 1e15) -> optax.GradientTransformation:
+  """Zeroes non-finite gradient entries and caps magnitudes at ``max_abs``; counts, per leaf.
+
+  Placed in front of a moment-based transformation (the recipes put it in
+  front of their AdamW branch), it keeps NaN and Inf out of the moments and
+  the cap keeps squared gradients from overflowing float32. It is elementwise,
+  so it fuses into the update and costs next to nothing.
+
+  Args:
+    max_abs: largest gradient magnitude passed on.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`ZeroNonFiniteState`.
+
+  Example:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> tx = kl_optax.zero_nonfinite()
+    >>> state = tx.init({'a': jnp.zeros(3)})
+    >>> g, state = tx.update({'a': jnp.array([1.0, jnp.inf, jnp.nan])}, state)
+    >>> g['a'].tolist(), int(state.counts['a'])
+    ([1.0, 0.0, 0.0], 1)
+  """
+  cap = float(max_abs)
+
+  def init_fn(params):
+    return ZeroNonFiniteState(jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    finite = jax.tree.map(jnp.isfinite, updates)
+    out = jax.tree.map(
+        lambda g, f: jnp.where(f, jnp.clip(g, -cap, cap), jnp.zeros_like(g)).astype(g.dtype),
+        updates, finite)
+    counts = jax.tree.map(lambda c, f: c + (~jnp.all(f)).astype(jnp.int32), state.counts, finite)
+    return out, ZeroNonFiniteState(counts)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _paths(tree) -> list[str]:
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_trees.is_masked)[0]
   return [leaf_path(p) for p, _ in flat]
@@ -141,6 +199,9 @@ def _first_skips(state):
   def visit(x):
     if isinstance(x, SkipNonFiniteState):
       found.append(x.skips)
+      return True
+    if isinstance(x, ZeroNonFiniteState):
+      found.append(x.counts)
       return True
     return False
 
@@ -172,9 +233,12 @@ def _check_matches(updates, state) -> None:
       return
     if not all(_trees.is_masked(x) or hasattr(x, "shape") for x in flat):
       return
-    for x, g, path in zip(flat, flat_updates, paths):
-      if _trees.is_masked(x) or _trees.is_masked(g):
-        continue
+    pairs = [(x, g, path) for x, g, path in zip(flat, flat_updates, paths)
+             if not (_trees.is_masked(x) or _trees.is_masked(g))]
+    # Moments are floating point; per-leaf counters (int32) are not parameter-shaped.
+    if not pairs or not all(jnp.issubdtype(x.dtype, jnp.inexact) for x, _, _ in pairs):
+      return
+    for x, g, path in pairs:
       if tuple(x.shape) != tuple(g.shape):
         raise ValueError(
             f"The gradients do not match the optimizer state: leaf {path} has shape "
@@ -186,6 +250,10 @@ def _check_matches(updates, state) -> None:
       return
     if isinstance(node, SkipNonFiniteState):   # its counters are scalars per leaf
       visit(node.inner_state)
+      return
+    if isinstance(node, ZeroNonFiniteState):
+      return
+    if isinstance(node, KronTransformState):   # checks its own gradients
       return
     check(node)
     children, _ = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
@@ -200,18 +268,22 @@ def nonfinite_skips(opt_state) -> dict[str, Any]:
   """Steps skipped because of non-finite values, for logging.
 
   Returns:
-    ``{leaf path: count}`` from :func:`skip_nonfinite` (whole leaves) and
-    ``{"<d_1>x<d_2>…": counts}`` per Kronecker shape group (one count per
-    stacked tensor or block), whichever the state holds.
+    ``{leaf path: count}`` from :func:`zero_nonfinite` (the recipes' AdamW
+    leaves: steps with non-finite entries) or :func:`skip_nonfinite` (steps
+    skipped), and ``{"<d_1>x<d_2>…": counts}`` per Kronecker shape group (steps
+    skipped, one count per stacked tensor or block), whichever the state
+    holds.
   """
   out: dict[str, Any] = {}
 
   def visit(x):
-    if isinstance(x, SkipNonFiniteState):
-      for path, count in jax.tree_util.tree_flatten_with_path(x.skips)[0]:
-        out[leaf_path(path)] = int(count) if not isinstance(count, jax.core.Tracer) else count
-      return True
-    return False
+    counts = (x.skips if isinstance(x, SkipNonFiniteState)
+              else x.counts if isinstance(x, ZeroNonFiniteState) else None)
+    if counts is None:
+      return False
+    for path, count in jax.tree_util.tree_flatten_with_path(counts)[0]:
+      out[leaf_path(path)] = int(count) if not isinstance(count, jax.core.Tracer) else count
+    return True
 
   jax.tree_util.tree_flatten(opt_state, is_leaf=visit)
   for st in kron_states(opt_state):
