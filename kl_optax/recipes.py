@@ -386,8 +386,8 @@ def scale_by_kl_soap(
     >>> import jax.numpy as jnp, kl_optax
     >>> tx = kl_optax.scale_by_kl_soap()
     >>> state = tx.init(jnp.zeros((3, 4)))
-    >>> sorted(state.groups[0].slots)      # m̃, ṽ and the refresh counters
-    ['mu_eig', 'nu_eig', 'refreshes']
+    >>> sorted(state.groups[0].slots)      # m̃, ṽ and the counters
+    ['mu_eig', 'nonfinite_skips', 'nu_eig', 'refresh_failures', 'refreshes']
     >>> u, state = tx.update(jnp.ones((3, 4)), state)   # initialization: zero
     >>> float(jnp.abs(u).max())
     0.0

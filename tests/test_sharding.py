@@ -121,7 +121,7 @@ def test_state_shardings_layout():
   assert kron.count.spec == P()
   for leaf in jax.tree.leaves(kron.groups):
     assert leaf.spec[0] == ("data", "model") and all(s is None for s in leaf.spec[1:])
-  adam = shardings.inner_states["adam"].inner_state.inner_state[0]
+  adam = shardings.inner_states["adam"].inner_state[1][0]
   assert adam.mu["bias"].spec == SPECS["bias"] and adam.nu["bias"].spec == SPECS["bias"]
   assert adam.count.spec == P()
 
