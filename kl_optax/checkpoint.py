@@ -42,7 +42,7 @@ def save(path: str | os.PathLike, tree: Any) -> None:
 
   ``path`` must not exist yet. Blocks until the checkpoint is complete.
 
-  Example:
+  Examples:
     >>> import tempfile, os, jax.numpy as jnp, kl_optax
     >>> tx = kl_optax.kl_shampoo(1e-3)
     >>> params = {'w': jnp.ones((4, 3))}

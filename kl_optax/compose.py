@@ -118,7 +118,7 @@ def block_ranges(dim: int, max_precond_dim: int | None, block_size: int | None):
 
 
 def plan_tensors(
-    tree,
+    tree: Any,
     where: str = "kron_transform",
     max_precond_dim: int | None = None,
     block_size: int | None = None,
@@ -291,7 +291,7 @@ def kron_transform(
     An ``optax.GradientTransformationExtraArgs`` (extra keyword arguments of
     ``update`` are accepted and ignored).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, kl_optax
     >>> tx = kl_optax.kron_transform(
     ...     kl_optax.momentum(0.9),
@@ -532,7 +532,7 @@ def refresh_counts(opt_state) -> dict[str, jax.Array]:
     refreshed (the slot ``'refreshes'`` of the refresh parts). Groups whose
     parts keep no count are left out.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> tx = kl_optax.kl_shampoo(1e-3, precondition_frequency=1)
     >>> params = {'w': jnp.zeros((4, 3))}

@@ -52,7 +52,7 @@ def mode_product(x: jax.Array, a: jax.Array, mode: int) -> jax.Array:
   Returns:
     A tensor with ``x.shape[mode]`` replaced by ``p``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kl_optax import kron
     >>> x = jnp.arange(6.0).reshape(2, 3)

@@ -135,7 +135,7 @@ def newton_schulz_orthogonalize(
   Returns:
     ``NS(x)``, of ``x``'s shape and dtype.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, kl_optax
     >>> x = jax.random.normal(jax.random.key(0), (4, 16))
     >>> q = kl_optax.newton_schulz_orthogonalize(x, steps=25, coefficients="exact")
@@ -220,7 +220,7 @@ def scale_by_newton_schulz(
     ValueError: at ``update``, for a leaf with fewer than two dims larger than
       one (the message names the leaf).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, kl_optax
     >>> tx = optax.chain(optax.trace(0.95), kl_optax.scale_by_newton_schulz())
     >>> params = {'w': jnp.ones((3, 5))}

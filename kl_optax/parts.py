@@ -148,7 +148,7 @@ def init_kron_state(
   Factors are zero, bases the identity and eigenvalue estimates one; the
   initialization step (``Part.first_update`` of the parts) replaces them.
 
-  Example:
+  Examples:
     >>> import kl_optax
     >>> st = kl_optax.init_kron_state((3, 4))
     >>> [s.shape for s in st.factors]

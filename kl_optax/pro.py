@@ -88,7 +88,7 @@ def spike_flat_apply(x: jax.Array, sf: SpikeFlat, power: Any = 1.0) -> jax.Array
   ``R̂^p = U diag(λ^p) Uᵀ + σ^p (I − UUᵀ)``, so
   ``x R̂^p = (xU) diag(λ^p) Uᵀ + σ^p (x − (xU) Uᵀ)``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> sf = kl_optax.SpikeFlat(jnp.eye(4)[:, :1], jnp.array([4.0]), jnp.array(1.0))
     >>> kl_optax.spike_flat_apply(jnp.ones((1, 4)), sf, -0.5).tolist()

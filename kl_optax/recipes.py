@@ -9,6 +9,8 @@ with decoupled weight decay and the learning rate, and routed with
 
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any
 
 import jax
@@ -119,7 +121,7 @@ def scale_by_kl_shampoo(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, kl_optax
     >>> tx = kl_optax.scale_by_kl_shampoo()
     >>> params = jnp.ones((3, 4))
@@ -239,8 +241,11 @@ _ROUTING_DOC = """Routing, leaf by leaf: size-1 dims are squeezed; a leaf whose 
 
 
 def _documented(fn):
-  fn.__doc__ = fn.__doc__.replace("{fallback_args}", _FALLBACK_ARGS_DOC).replace(
-      "{routing}", _ROUTING_DOC)
+  """Fills in the shared argument and routing text, keeping only arguments ``fn`` takes."""
+  params = inspect.signature(fn).parameters
+  entries = re.split(r"\n    (?=\w+: )", _FALLBACK_ARGS_DOC)
+  fallback = "\n    ".join(e for e in entries if e.split(":")[0] in params)
+  fn.__doc__ = fn.__doc__.replace("{fallback_args}", fallback).replace("{routing}", _ROUTING_DOC)
   return fn
 
 
@@ -304,7 +309,7 @@ def kl_shampoo(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, kl_optax
     >>> params = {'w': jnp.zeros((8, 4)), 'b': jnp.zeros((4,))}
     >>> tx = kl_optax.kl_shampoo(learning_rate=3e-3)
@@ -382,7 +387,7 @@ def scale_by_kl_soap(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> tx = kl_optax.scale_by_kl_soap()
     >>> state = tx.init(jnp.zeros((3, 4)))
@@ -455,7 +460,7 @@ def kl_soap(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> tx = kl_optax.kl_soap(learning_rate=3e-3)
     >>> params = {'w': jnp.zeros((8, 4)), 'b': jnp.zeros((4,))}
@@ -523,7 +528,7 @@ def scale_by_soap(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> tx = kl_optax.scale_by_soap()
     >>> state = tx.init(jnp.zeros((3, 4)))
@@ -588,7 +593,7 @@ def soap(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> tx = kl_optax.soap()
     >>> state = tx.init({'w': jnp.zeros((8, 4))})
@@ -650,7 +655,7 @@ def scale_by_shampoo(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> tx = kl_optax.scale_by_shampoo()
     >>> state = tx.init(jnp.zeros((3, 4)))
@@ -714,7 +719,7 @@ def shampoo(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> tx = kl_optax.shampoo(learning_rate=1e-3)
     >>> state = tx.init({'w': jnp.zeros((8, 4))})
@@ -773,7 +778,7 @@ def scale_by_eshampoo(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> tx = kl_optax.scale_by_eshampoo()
     >>> state = tx.init(jnp.zeros((3, 4)))
@@ -835,7 +840,7 @@ def eshampoo(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> tx = kl_optax.eshampoo(learning_rate=1e-3)
     >>> state = tx.init({'w': jnp.zeros((8, 4))})
@@ -868,7 +873,7 @@ def pro_labels(tree, rank: int, restricted_side: str = "larger", *,
   ``block_size``) matrices with a dim larger than ``max_precond_dim``, which are
   blocked, keep full KL-Shampoo factors.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> tree = {'a': jnp.zeros((8, 64)), 'b': jnp.zeros((8, 16)), 'c': jnp.zeros((4, 4, 4))}
     >>> kl_optax.pro_labels(tree, rank=16)
@@ -1042,7 +1047,7 @@ def pro_kl_shampoo(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, kl_optax
     >>> params = {'w': jnp.zeros((8, 32)), 'b': jnp.zeros((32,))}
     >>> tx = kl_optax.pro_kl_shampoo(learning_rate=3e-3, rank=4)

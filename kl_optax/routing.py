@@ -77,7 +77,7 @@ def _broadcast_mask(mask: MaskOrFn, params) -> Any:
 
 
 def kron_labels(
-    params,
+    params: Any,
     max_precond_dim: int = DEFAULT_MAX_PRECOND_DIM,
     precondition_mask: MaskOrFn | None = None,
     *,
@@ -101,7 +101,7 @@ def kron_labels(
   Returns:
     A tree of labels with the structure of ``params``, for ``optax.partition``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> params = {'w': jnp.zeros((8, 4)), 'b': jnp.zeros((4,)),
     ...           'conv': jnp.zeros((1, 3, 3, 16))}
@@ -133,7 +133,7 @@ def exclude(*patterns: str) -> Callable[[Any], Any]:
   by ``jax.tree_util.keystr`` (for Flax NNX parameters, for example,
   ``"['embed']['embedding'].value"``).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> params = {'embed': jnp.zeros((50, 8)), 'mlp': jnp.zeros((8, 8))}
     >>> kl_optax.kron_labels(params, precondition_mask=kl_optax.exclude('embed'))

@@ -69,7 +69,7 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`SkipNonFiniteState`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, kl_optax
     >>> tx = kl_optax.skip_nonfinite(optax.adam(1e-2))
     >>> params = {'a': jnp.ones(2), 'b': jnp.ones(2)}
@@ -145,7 +145,7 @@ def zero_nonfinite(max_abs: float = 1e15) -> optax.GradientTransformation:
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ZeroNonFiniteState`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> tx = kl_optax.zero_nonfinite()
     >>> state = tx.init({'a': jnp.zeros(3)})

@@ -153,7 +153,7 @@ def state_shardings(
     A tree of ``NamedSharding`` with the structure of ``tx.init(params)``,
     for ``jax.jit(..., out_shardings=...)``, donation and Orbax restore.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, kl_optax
     >>> from jax.sharding import PartitionSpec as P
     >>> mesh = jax.make_mesh((1,), ('data',))

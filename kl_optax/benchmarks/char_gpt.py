@@ -29,9 +29,7 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 import kl_optax
 from kl_optax.benchmarks import gpt, harness, workload
@@ -83,54 +81,6 @@ def _parse(argv):
   return p.parse_args(argv)
 
 
-def _variant_kwargs(name: str) -> dict:
-  """``'kl_shampoo@refresh_tolerance=0.05@init_factor=1e-3'`` → keyword arguments."""
-  out = {}
-  for item in name.split("@")[1:]:
-    key, _, value = item.partition("=")
-    out[key] = float(value) if any(c in value for c in ".e") else int(value)
-  return out
-
-
-def _extend(grid: list[float], best: int) -> float | None:
-  """The next grid point beyond an edge optimum, or None."""
-  ratio = grid[1] / grid[0] if len(grid) > 1 else 2.0
-  if best == 0:
-    return grid[0] / ratio
-  if best == len(grid) - 1:
-    return grid[-1] * ratio
-  return None
-
-
-def _update_timing(tx, setup, batch, calls):
-  """Median seconds of the optimizer update alone (after the initialization step), and its FLOPs."""
-  x, y = batch
-  grads = jax.grad(setup.loss)(setup.params, setup.rest, x, y)
-  state = tx.init(setup.params)
-  update = jax.jit(tx.update)
-  _, state = update(grads, state, setup.params)  # leave the initialization step
-  compiled = update.lower(grads, state, setup.params).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  median = harness.median_time(lambda: compiled(grads, state, setup.params), repeats=calls)
-  return median, flops
-
-
-def _step_memory(tx, setup, batch):
-  x, y = batch
-
-  def step(params, opt_state, rest, x, y):
-    loss, grads = jax.value_and_grad(setup.loss)(params, rest, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  state = jax.eval_shape(tx.init, setup.params)
-  compiled = jax.jit(step).lower(setup.params, state, setup.rest, x, y).compile()
-  mem = compiled.memory_analysis()
-  return int(getattr(mem, "temp_size_in_bytes", -1)) if mem is not None else -1
-
-
 def _plot(path, best_runs, title):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -158,7 +108,7 @@ def main(argv=None) -> dict:
   cfg, batches, val = work.config, work.batches, work.val
   setup = harness.make_setup(work.model(), gpt.loss_fn)
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-  kwargs = {n: _variant_kwargs(n) for n in names}
+  kwargs = {n: harness.parse_variant(n)[1] for n in names}
   for n in names:
     base = n.split("@")[0]
     if base not in OPTIMIZERS:
@@ -194,7 +144,7 @@ def main(argv=None) -> dict:
               f"step {1e3 * run.median_step:6.1f} ms  ({time.perf_counter() - t0:.0f}s)", flush=True)
       finals = [results[lr]["final_val"] if not results[lr]["diverged"] else math.inf for lr in grid]
       best = int(np.argmin(finals))
-      nxt = _extend(grid, best)
+      nxt = harness.extend_grid(grid, best)
       if nxt is None or extensions >= args.max_extend:
         break
       grid = sorted(grid + [nxt])
@@ -209,7 +159,7 @@ def main(argv=None) -> dict:
   for name in names:
     tx = make_optimizer(name.split("@")[0], best_runs[name]["learning_rate"], args.steps,
                         **kwargs[name])
-    upd, flops = _update_timing(tx, setup, timing_batch, args.timing_calls)
+    upd, flops = harness.update_cost(tx, setup, timing_batch, args.timing_calls)
     summary[name] = {
         "best_lr": best_runs[name]["learning_rate"],
         "final_val": best_runs[name]["final_val"],
@@ -219,7 +169,7 @@ def main(argv=None) -> dict:
         "update_ms": 1e3 * upd,
         "compile_s": best_runs[name]["compile_seconds"],
         "update_gflops": flops / 1e9,
-        "step_temp_mb": _step_memory(tx, setup, timing_batch) / 2**20,
+        "step_temp_mb": harness.step_memory(tx, setup, timing_batch)["temp"] / 2**20,
         "state_bytes_per_param": best_runs[name]["state_bytes"] / setup.num_params,
         "refreshes": best_runs[name].get("refreshes"),
         "refresh_opportunities": best_runs[name].get("refresh_opportunities"),

@@ -13,7 +13,6 @@ import dataclasses
 import re
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P

@@ -26,11 +26,16 @@ from flax import nnx
 __all__ = [
     "RunResult",
     "TrainSetup",
+    "extend_grid",
     "make_setup",
     "median_time",
+    "parse_variant",
+    "memory",
     "per_device_bytes",
+    "step_memory",
     "state_bytes",
     "train",
+    "update_cost",
     "warmup_cosine",
 ]
 
@@ -108,6 +113,7 @@ class RunResult:
   compile_seconds: float
   state_bytes: int
   diverged: bool = False
+  step_memory: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def final_val(self) -> float:
@@ -123,6 +129,14 @@ class RunResult:
     out["final_val"] = self.final_val
     out["median_step"] = self.median_step
     return out
+
+
+def _train_step(setup: TrainSetup, tx: optax.GradientTransformation):
+  def train_step(params, opt_state, rest, inputs, targets):
+    loss, grads = jax.value_and_grad(setup.loss)(params, rest, inputs, targets)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return train_step
 
 
 def train(
@@ -156,17 +170,12 @@ def train(
     ``diverged``.
   """
 
-  def train_step(params, opt_state, rest, inputs, targets):
-    loss, grads = jax.value_and_grad(setup.loss)(params, rest, inputs, targets)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
   eval_fn = jax.jit(setup.loss)
   params = jax.tree.map(jnp.copy, setup.params)
   opt_state = tx.init(params)
   x0, y0 = batches(0)
   t0 = time.perf_counter()
-  step_fn = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+  step_fn = jax.jit(_train_step(setup, tx), donate_argnums=(0, 1)).lower(
       params, opt_state, setup.rest, x0, y0).compile()
   compile_seconds = time.perf_counter() - t0
 
@@ -174,7 +183,7 @@ def train(
     return float(np.mean([eval_fn(p, setup.rest, x, y) for x, y in val_batches]))
 
   result = RunResult(name, float(learning_rate), [], [], [], [], [], compile_seconds,
-                     state_bytes(opt_state))
+                     state_bytes(opt_state), step_memory=memory(step_fn))
   for step in range(steps):
     x, y = batches(step)
     t0 = time.perf_counter()
@@ -195,3 +204,70 @@ def train(
       result.val_loss.append(evaluate(params))
   result.opt_state = opt_state
   return result
+
+
+def update_cost(tx: optax.GradientTransformation, setup: TrainSetup, batch,
+                calls: int = 20) -> tuple[float, float]:
+  """(median seconds, XLA-counted FLOPs) of ``tx.update`` alone, after its initialization step.
+
+  The FLOPs come from ``compiled.cost_analysis()``: a deterministic figure that
+  shows an eigendecomposition or QR compiled into every step.
+  """
+  x, y = batch
+  grads = jax.grad(setup.loss)(setup.params, setup.rest, x, y)
+  state = tx.init(setup.params)
+  compiled = jax.jit(tx.update).lower(grads, state, setup.params).compile()
+  _, state = compiled(grads, state, setup.params)  # leave the initialization step
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  median = median_time(lambda: compiled(grads, state, setup.params), repeats=calls)
+  return median, flops
+
+
+def memory(compiled) -> dict[str, int]:
+  """XLA's memory analysis of a compiled function, in bytes.
+
+  ``temp`` is its scratch memory; ``peak`` estimates its peak as arguments +
+  outputs + temporaries − aliased (donated) buffers. Both are -1 where the
+  backend gives no analysis.
+  """
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return {"temp": -1, "peak": -1}
+  get = lambda name: int(getattr(mem, name, 0) or 0)
+  peak = (get("argument_size_in_bytes") + get("output_size_in_bytes")
+          + get("temp_size_in_bytes") - get("alias_size_in_bytes"))
+  return {"temp": get("temp_size_in_bytes"), "peak": peak}
+
+
+def step_memory(tx: optax.GradientTransformation, setup: TrainSetup, batch) -> dict[str, int]:
+  """:func:`memory` of the whole (donating) train step of ``setup`` with ``tx``."""
+  x, y = batch
+  state = jax.eval_shape(tx.init, setup.params)
+  compiled = jax.jit(_train_step(setup, tx), donate_argnums=(0, 1)).lower(
+      setup.params, state, setup.rest, x, y).compile()
+  return memory(compiled)
+
+
+def parse_variant(name: str) -> tuple[str, dict]:
+  """``'kl_shampoo@init_factor=1e-3@rank=8'`` → (``'kl_shampoo'``, keyword arguments)."""
+  base, *items = name.split("@")
+  kwargs = {}
+  for item in items:
+    key, _, value = item.partition("=")
+    try:
+      kwargs[key] = int(value)
+    except ValueError:
+      kwargs[key] = float(value)
+  return base, kwargs
+
+
+def extend_grid(grid: list[float], best: int) -> float | None:
+  """The next point of a geometric grid beyond an edge optimum at index ``best``, or None."""
+  ratio = grid[1] / grid[0] if len(grid) > 1 else 2.0
+  if best == 0:
+    return grid[0] / ratio
+  if best == len(grid) - 1:
+    return grid[-1] * ratio
+  return None

@@ -2,9 +2,10 @@
 
 Every optimizer gets the same schedule family (linear warm-up over the first
 10% of steps, cosine decay to 10% of the peak) and the same decoupled weight
-decay; only the peak learning rate is tuned. The Kronecker recipes send
-embeddings, the position table and the output head to AdamW
-(:data:`kl_optax.benchmarks.gpt.ADAM_LEAVES`).
+decay; only the peak learning rate is tuned. The Kronecker recipes and Muon
+send the leaves matched by ``adam_leaves`` (regular expressions on leaf paths;
+by default the GPT's embeddings, position table and output head,
+:data:`kl_optax.benchmarks.gpt.ADAM_LEAVES`) to AdamW.
 """
 
 from __future__ import annotations
@@ -23,24 +24,34 @@ __all__ = ["OPTIMIZERS", "WEIGHT_DECAY", "make_optimizer"]
 WEIGHT_DECAY = 0.01
 
 
-def _adamw(schedule, **kw):
+def _adamw(schedule, adam_leaves=(), **kw):
+  del adam_leaves
   return optax.adamw(schedule, weight_decay=WEIGHT_DECAY, **kw)
 
 
 def _kronecker(recipe):
-  def make(schedule, **kw):
-    kw.setdefault("precondition_mask", kl_optax.exclude(*gpt.ADAM_LEAVES))
+  def make(schedule, adam_leaves=gpt.ADAM_LEAVES, **kw):
+    kw.setdefault("precondition_mask", kl_optax.exclude(*adam_leaves))
     return recipe(schedule, weight_decay=WEIGHT_DECAY, **kw)
   return make
 
 
-def _muon(schedule, **kw):
-  # Muon's own routing: 2-D leaves are orthogonalized, others get AdamW. The
-  # embeddings, position table and head are 2-D, so route them explicitly.
+def _muon_dims(leaf, label):
+  """Muon's view of a preconditioned leaf: the last axis is the output axis."""
+  if label != "kron":
+    return None
+  if leaf.ndim == 2:
+    return optax.contrib.MuonDimensionNumbers()
+  return optax.contrib.MuonDimensionNumbers(reduction_axis=tuple(range(leaf.ndim - 1)),
+                                            output_axis=(leaf.ndim - 1,))
+
+
+def _muon(schedule, adam_leaves=gpt.ADAM_LEAVES, **kw):
+  # Muon orthogonalizes exactly the leaves the Kronecker recipes precondition
+  # (convolution kernels as (inputs, outputs) matrices); the rest get AdamW.
   def dims(params):
-    labels = kl_optax.kron_labels(params, precondition_mask=kl_optax.exclude(*gpt.ADAM_LEAVES))
-    return jax.tree.map(
-        lambda label: optax.contrib.MuonDimensionNumbers() if label == "kron" else None, labels)
+    labels = kl_optax.kron_labels(params, precondition_mask=kl_optax.exclude(*adam_leaves))
+    return jax.tree.map(_muon_dims, params, labels)
   return optax.contrib.muon(schedule, weight_decay=WEIGHT_DECAY,
                             muon_weight_dimension_numbers=dims, **kw)
 

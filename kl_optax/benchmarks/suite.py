@@ -1,0 +1,467 @@
+"""The benchmark suite: every optimizer on every workload, under one protocol.
+
+Usage::
+
+    python -m kl_optax.benchmarks                    # quick: a few minutes on a CPU
+    python -m kl_optax.benchmarks --preset cpu       # the full CPU protocol (about an hour on 2 cores)
+    python -m kl_optax.benchmarks --preset gpu       # larger models, for an accelerator
+    python -m kl_optax.benchmarks --preset cpu --workloads digits_mlp --optimizers adamw,kl_shampoo
+
+Workloads (:mod:`kl_optax.benchmarks.tasks`): a character GPT on Shakespeare,
+an MLP and a CNN on real 8×8 handwritten digits, and stochastic Kronecker
+regression. Optimizers (:mod:`kl_optax.benchmarks.optimizers`): ``optax.adamw``,
+``optax.contrib.muon`` and every recipe of the package.
+
+Protocol (shared/docs/BENCHMARKS.md): every optimizer gets the same schedule
+family (linear warm-up over 10% of the steps, cosine decay to 10% of the peak)
+and the same tuning budget: a sweep of the peak learning rate over one
+geometric grid per workload, extended on the side of an edge optimum (up to
+``--max-extend`` points). The best learning rate (seed 0) is then rerun with
+more seeds (the seed changes the initialization and the batch order). Reported
+per optimizer, against ``optax.adamw`` measured in the same process:
+
+* final validation loss (mean and standard deviation over seeds);
+* steps and wall-clock to AdamW's final validation loss (the target), linearly
+  interpolated on the seed-mean validation curve;
+* median whole-train-step time and median optimizer-update time (≥ 20 calls
+  after warm-up, ``block_until_ready`` around each), and compile time;
+* optimizer-state bytes per parameter (from the state pytree), the train
+  step's peak memory (XLA's memory analysis of the compiled step) and the
+  optimizer update's FLOPs (XLA's cost analysis).
+
+The ``quick`` preset skips the sweep: it runs each optimizer once at the best
+learning rate that the ``cpu`` preset found (:data:`QUICK_LEARNING_RATES`).
+
+Outputs in ``--out``: ``results.json`` (every run), ``results.md`` (tables),
+and per workload ``<workload>.png`` (validation loss against steps and
+wall-clock, step-time and memory bars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+import kl_optax
+from kl_optax.benchmarks import harness, tasks
+from kl_optax.benchmarks.optimizers import OPTIMIZERS, make_optimizer
+
+__all__ = ["PRESETS", "QUICK_LEARNING_RATES", "main", "steps_to_target"]
+
+KL_RECIPES = ("kl_shampoo", "kl_soap", "pro_kl_shampoo")
+
+# Peak learning-rate grids (factor 2 apart), the same for every optimizer of a workload.
+LR_GRIDS = {
+    "char_gpt": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
+    "digits_mlp": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+    "digits_cnn": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+    "kron_regression": (4e-3, 1.6e-2, 6.4e-2, 2.56e-1, 1.024),
+}
+
+# Best peak learning rates found by ``--preset cpu`` (docs/benchmarks.md).
+QUICK_LEARNING_RATES = {
+    "char_gpt": {"adamw": 4e-3, "muon": 3.2e-2, "kl_shampoo": 1.6e-2, "soap": 8e-3},
+    "digits_mlp": {"adamw": 4e-3, "muon": 1.6e-2, "kl_shampoo": 8e-3, "soap": 4e-3},
+    "kron_regression": {"adamw": 6.4e-2, "muon": 6.4e-2, "kl_shampoo": 6.4e-2, "soap": 6.4e-2},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  size: str
+  workloads: tuple[str, ...]
+  optimizers: tuple[str, ...]
+  steps: int
+  seeds: int
+  sweep: bool
+
+
+ALL_OPTIMIZERS = ("adamw", "muon", "kl_shampoo", "kl_soap", "pro_kl_shampoo", "soap", "shampoo",
+                  "eshampoo")
+
+PRESETS = {
+    "quick": Preset("cpu", ("char_gpt", "digits_mlp", "kron_regression"),
+                    ("adamw", "muon", "kl_shampoo", "soap"), 300, 1, False),
+    "cpu": Preset("cpu", tuple(tasks.TASKS), ALL_OPTIMIZERS, 300, 3, True),
+    "gpu": Preset("gpu", tuple(tasks.TASKS), ALL_OPTIMIZERS, 2000, 3, True),
+    "tiny": Preset("tiny", tuple(tasks.TASKS), ALL_OPTIMIZERS, 8, 2, True),
+}
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(prog="python -m kl_optax.benchmarks",
+                              description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                 help="sizes, workloads, optimizers, steps, seeds and whether to sweep (default: quick)")
+  p.add_argument("--workloads", help=f"comma-separated subset of {sorted(tasks.TASKS)}")
+  p.add_argument("--optimizers",
+                 help=f"comma-separated subset of {sorted(OPTIMIZERS)}; 'name@key=value' passes "
+                      "keyword arguments (e.g. kl_shampoo@init_factor=0.1)")
+  p.add_argument("--steps", type=int, help="optimizer steps per run")
+  p.add_argument("--seeds", type=int, help="seeds at the best learning rate")
+  p.add_argument("--lrs", help="comma-separated peak learning rates replacing every workload's grid")
+  p.add_argument("--max-extend", type=int, default=2,
+                 help="grid points added beyond an edge optimum (default 2)")
+  p.add_argument("--evals", type=int, default=20, help="validation evaluations per run")
+  p.add_argument("--timing-calls", type=int, default=30)
+  p.add_argument("--kl-init-factor", type=float, default=1e-3,
+                 help="init_factor of kl_shampoo, kl_soap and pro_kl_shampoo (default 1e-3; the "
+                      "recipes' own default 0.1 is meant for runs of thousands of steps)")
+  p.add_argument("--out", default="runs/benchmarks")
+  p.add_argument("--no-plots", action="store_true")
+  p.add_argument("--no-progress", action="store_true")
+  return p.parse_args(argv)
+
+
+def steps_to_target(steps, losses, target: float) -> float | None:
+  """First step at which ``losses`` (measured at ``steps``) reach ``target``, interpolated linearly.
+
+  >>> steps_to_target([10, 20, 30], [3.0, 2.0, 1.0], 1.5)
+  25.0
+  >>> steps_to_target([10, 20], [3.0, 2.0], 1.0) is None
+  True
+  """
+  prev = None
+  for s, loss in zip(steps, losses):
+    if not math.isfinite(loss):
+      return None
+    if loss <= target:
+      if prev is None or prev[1] == loss:
+        return float(s)
+      s0, l0 = prev
+      return s0 + (s - s0) * (l0 - target) / (l0 - loss)
+    prev = (s, loss)
+  return None
+
+
+class _Runner:
+  """Trains runs of one workload, caching a task per seed."""
+
+  def __init__(self, workload, size, steps, evals, bar, kl_init_factor):
+    self.workload, self.size, self.steps = workload, size, steps
+    self.eval_every = max(1, steps // evals)
+    self.bar, self.kl_init_factor = bar, kl_init_factor
+    self._tasks: dict[int, tasks.Task] = {}
+
+  def task(self, seed: int) -> tasks.Task:
+    if seed not in self._tasks:
+      self._tasks[seed] = tasks.make_task(self.workload, self.size, seed)
+    return self._tasks[seed]
+
+  def optimizer(self, name: str, lr: float, seed: int = 0):
+    base, kwargs = harness.parse_variant(name)
+    task = self.task(seed)
+    kwargs = {**task.optimizer_kwargs.get(base, {}), **kwargs}
+    if base in KL_RECIPES and self.kl_init_factor is not None:
+      kwargs.setdefault("init_factor", self.kl_init_factor)
+    if base != "adamw":
+      kwargs.setdefault("adam_leaves", task.adam_leaves)
+    return make_optimizer(base, lr, self.steps, **kwargs)
+
+  def run(self, name: str, lr: float, seed: int) -> dict:
+    task = self.task(seed)
+    self.bar.set_description(f"{self.workload} {name} lr={lr:.3g} seed={seed}")
+
+    def progress(step, loss):
+      if step % 25 == 0:
+        self.bar.set_postfix(step=step, loss=f"{loss:.3f}")
+
+    run = harness.train(task.setup, self.optimizer(name, lr, seed), task.batches, task.val,
+                        self.steps, name=name, learning_rate=lr, eval_every=self.eval_every,
+                        progress=progress)
+    self.bar.update(1)
+    out = run.to_json()
+    out["seed"] = seed
+    return out
+
+
+def _sweep(runner: _Runner, name: str, grid: list[float], max_extend: int) -> list[dict]:
+  results: dict[float, dict] = {}
+  extensions = 0
+  while True:
+    for lr in grid:
+      if lr not in results:
+        results[lr] = runner.run(name, lr, seed=0)
+    finals = [math.inf if results[lr]["diverged"] else results[lr]["final_val"] for lr in grid]
+    nxt = harness.extend_grid(grid, int(np.argmin(finals)))
+    if nxt is None or extensions >= max_extend or all(math.isinf(f) for f in finals):
+      return [results[lr] for lr in grid]
+    grid = sorted(grid + [nxt])
+    runner.bar.total += 1
+    runner.bar.refresh()
+    extensions += 1
+
+
+def _mean_curve(runs: list[dict]) -> tuple[list[int], list[float]]:
+  ok = [r for r in runs if not r["diverged"]]
+  if not ok:
+    return [], []
+  steps = ok[0]["eval_steps"]
+  return steps, [float(np.mean([r["val_loss"][i] for r in ok])) for i in range(len(steps))]
+
+
+def _wallclock(run: dict) -> list[float]:
+  """Cumulative train-step seconds at each evaluation (compile and evaluation excluded)."""
+  cum = np.cumsum(run["step_seconds"])
+  return [float(cum[s - 1]) for s in run["eval_steps"]]
+
+
+def _summarize(runner: _Runner, name: str, sweep: list[dict], seeds: list[dict],
+               timing_calls: int) -> dict:
+  valid = [r for r in sweep if not r["diverged"]]
+  best = min(valid, key=lambda r: r["final_val"]) if valid else sweep[0]
+  runs = [best] + seeds
+  finals = [r["final_val"] if not r["diverged"] else math.nan for r in runs]
+  lr = best["learning_rate"]
+  task = runner.task(0)
+  upd, flops = harness.update_cost(runner.optimizer(name, lr), task.setup, task.batches(0),
+                                   timing_calls)
+  lrs = [r["learning_rate"] for r in sweep]
+  return {
+      "best_lr": lr,
+      "edge_optimum": len(sweep) > 1 and lr in (min(lrs), max(lrs)),
+      "final_val": float(np.mean(finals)),
+      "final_val_std": float(np.std(finals)) if len(finals) > 1 else 0.0,
+      "final_val_seeds": finals,
+      "diverged_seeds": sum(r["diverged"] for r in runs),
+      "step_ms": 1e3 * statistics.median(r["median_step"] for r in runs),
+      "update_ms": 1e3 * upd,
+      "update_mflops": flops / 1e6,
+      "compile_s": statistics.median(r["compile_seconds"] for r in runs),
+      "state_bytes_per_param": best["state_bytes"] / task.setup.num_params,
+      "peak_mib": best["step_memory"].get("peak", -1) / 2**20,
+      "temp_mib": best["step_memory"].get("temp", -1) / 2**20,
+      "curve_steps": _mean_curve(runs)[0],
+      "curve_val": _mean_curve(runs)[1],
+      "curve_seconds": [float(np.mean(c)) for c in zip(*(_wallclock(r) for r in runs
+                                                          if not r["diverged"]))],
+      "sweep": [{"lr": r["learning_rate"], "final_val": r["final_val"], "diverged": r["diverged"]}
+                for r in sweep],
+  }
+
+
+def _relative(summary: dict) -> None:
+  """Adds ratios to AdamW and the steps/time to AdamW's final loss."""
+  if "adamw" not in summary:
+    return
+  base = summary["adamw"]
+  target = base["final_val"]
+  for s in summary.values():
+    for key in ("step_ms", "update_ms", "compile_s", "peak_mib"):
+      s[f"{key}_vs_adamw"] = s[key] / base[key] if base[key] > 0 else math.nan
+    s["target"] = target
+    reached = steps_to_target(s["curve_steps"], s["curve_val"], target)
+    s["steps_to_target"] = reached
+    s["seconds_to_target"] = None if reached is None else reached * s["step_ms"] / 1e3
+  base_steps, base_seconds = base["steps_to_target"], base["seconds_to_target"]
+  for s in summary.values():
+    s["steps_to_target_vs_adamw"] = (s["steps_to_target"] / base_steps
+                                     if s["steps_to_target"] and base_steps else None)
+    s["seconds_to_target_vs_adamw"] = (s["seconds_to_target"] / base_seconds
+                                       if s["seconds_to_target"] and base_seconds else None)
+
+
+def _fmt(value, spec=".2f", missing="—"):
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return missing
+  return format(value, spec)
+
+
+def markdown(report: dict) -> str:
+  """The results as Markdown: one table per workload, then the sweeps."""
+  lines = [f"Device: {report['device']}; JAX {report['jax']}; preset `{report['preset']}`; "
+           f"{report['steps']} steps; {report['seeds']} seed(s) at the best learning rate.", "",
+           f"Command: `{report['command']}`", ""]
+  for workload, w in report["workloads"].items():
+    lines += [f"### {workload}", "", w["description"] + ".", "",
+              "| optimizer | peak lr | val loss | steps to AdamW's loss (× AdamW) "
+              "| time to it (× AdamW) | step ms (× AdamW) | update ms (× AdamW) "
+              "| compile s (× AdamW) | update MFLOPs | state B/param | peak MiB (× AdamW) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in w["summary"].items():
+      val = _fmt(s["final_val"], ".4f")
+      if len(s["final_val_seeds"]) > 1:
+        val += f" ± {_fmt(s['final_val_std'], '.4f')}"
+      if s["diverged_seeds"]:
+        val += f" ({s['diverged_seeds']} diverged)"
+      lines.append(
+          f"| {name} | {s['best_lr']:.3g}{' (edge)' if s['edge_optimum'] else ''} | {val} "
+          f"| {_fmt(s.get('steps_to_target'), '.0f', 'not reached')} "
+          f"({_fmt(s.get('steps_to_target_vs_adamw'))}) "
+          f"| {_fmt(s.get('seconds_to_target'), '.2f', '—')} s ({_fmt(s.get('seconds_to_target_vs_adamw'))}) "
+          f"| {s['step_ms']:.2f} ({_fmt(s.get('step_ms_vs_adamw'))}) "
+          f"| {s['update_ms']:.3f} ({_fmt(s.get('update_ms_vs_adamw'))}) "
+          f"| {s['compile_s']:.2f} ({_fmt(s.get('compile_s_vs_adamw'))}) "
+          f"| {_fmt(s['update_mflops'], '.2f')} | {s['state_bytes_per_param']:.2f} "
+          f"| {_fmt(s['peak_mib'], '.1f')} ({_fmt(s.get('peak_mib_vs_adamw'))}) |")
+    lines.append("")
+    if any(len(s["sweep"]) > 1 for s in w["summary"].values()):
+      lines += ["Learning-rate sweeps (seed 0; peak lr → final validation loss):", ""]
+      for name, s in w["summary"].items():
+        cells = ", ".join(f"{r['lr']:.3g} → {'diverged' if r['diverged'] else format(r['final_val'], '.4f')}"
+                          for r in s["sweep"])
+        lines.append(f"- {name}: {cells}")
+      lines.append("")
+  return "\n".join(lines)
+
+
+def plot(path: str, workload: str, w: dict) -> None:
+  """Validation loss against steps and wall-clock; step-time and memory bars."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  summary = w["summary"]
+  names = list(summary)
+  colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+  (a_step, a_time), (a_bar_t, a_bar_m) = axes
+  for name, s in summary.items():
+    if not s["curve_steps"]:
+      continue
+    label = f"{name} ({s['final_val']:.3f})"
+    a_step.plot(s["curve_steps"], s["curve_val"], marker=".", color=colors[name], label=label)
+    a_time.plot(s["curve_seconds"], s["curve_val"], marker=".", color=colors[name], label=name)
+  for ax, xlabel in ((a_step, "step"), (a_time, "train-step wall-clock (s)")):
+    if "adamw" in summary:
+      ax.axhline(summary["adamw"]["final_val"], color="gray", ls=":", lw=1)
+    finite = [v for s in summary.values() for v in s["curve_val"] if math.isfinite(v)]
+    if finite:
+      lo, hi = min(finite), float(np.percentile(finite, 90))
+      ax.set_ylim(lo - 0.05 * (hi - lo), hi)
+    ax.set(xlabel=xlabel, ylabel="validation loss (seed mean)")
+    ax.grid(alpha=0.3)
+  a_step.set_title(f"{workload}: validation loss (dotted: AdamW's final)")
+  a_step.legend(fontsize=8)
+  a_time.set_title("against train-step time")
+  x = np.arange(len(names))
+  a_bar_t.bar(x - 0.2, [summary[n]["step_ms"] for n in names], 0.4, label="train step")
+  a_bar_t.bar(x + 0.2, [summary[n]["update_ms"] for n in names], 0.4, label="optimizer update")
+  a_bar_t.set(ylabel="ms (median)", title="time per step")
+  a_bar_m.bar(x - 0.2, [summary[n]["state_bytes_per_param"] for n in names], 0.4,
+              label="optimizer state (bytes/param)")
+  twin = a_bar_m.twinx()
+  twin.bar(x + 0.2, [summary[n]["peak_mib"] for n in names], 0.4, color="tab:orange",
+           label="train-step peak (MiB)")
+  a_bar_m.set(ylabel="bytes per parameter", title="memory")
+  twin.set_ylabel("MiB")
+  handles = a_bar_m.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+  a_bar_m.legend(handles, [h.get_label() for h in handles], fontsize=8)
+  for ax in (a_bar_t, a_bar_m):
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.grid(alpha=0.3, axis="y")
+  a_bar_t.legend(fontsize=8)
+  fig.suptitle(w["description"], fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _print_summary(report: dict) -> None:
+  print("\nSummary (validation loss, seed mean; steps to AdamW's final loss as a ratio to AdamW's):")
+  for workload, w in report["workloads"].items():
+    summary = w["summary"]
+    ranked = sorted(summary.items(), key=lambda kv: (math.isnan(kv[1]["final_val"]),
+                                                      kv[1]["final_val"]))
+    print(f"  {workload}: " + ", ".join(
+        f"{n} {s['final_val']:.4f}" + (f" ({_fmt(s.get('steps_to_target_vs_adamw'))}× steps, "
+                                       f"{_fmt(s.get('step_ms_vs_adamw'))}× step time)"
+                                       if n != "adamw" and "adamw" in summary else "")
+        for n, s in ranked))
+    if "kl_shampoo" in summary and "adamw" in summary:
+      kl = summary["kl_shampoo"]
+      others = [n for n in ("adamw", "soap") if n in summary]
+      verdict = ", ".join(f"{'below' if kl['final_val'] < summary[n]['final_val'] else 'not below'} {n}"
+                          for n in others)
+      print(f"    kl_shampoo: validation loss {verdict}; steps to AdamW's loss "
+            f"{_fmt(kl.get('steps_to_target_vs_adamw'))}× AdamW's (goal ≤ 0.80)")
+
+
+def main(argv=None) -> dict:
+  """Runs the suite and writes ``results.json``, ``results.md`` and the plots to ``--out``."""
+  args = _parse(argv)
+  preset = PRESETS[args.preset]
+  workloads = args.workloads.split(",") if args.workloads else list(preset.workloads)
+  names = args.optimizers.split(",") if args.optimizers else list(preset.optimizers)
+  for w in workloads:
+    if w not in tasks.TASKS:
+      raise SystemExit(f"unknown workload {w!r}; known: {sorted(tasks.TASKS)}")
+  for n in names:
+    if harness.parse_variant(n)[0] not in OPTIMIZERS:
+      raise SystemExit(f"unknown optimizer {harness.parse_variant(n)[0]!r}; known: {sorted(OPTIMIZERS)}")
+  if "adamw" in names:  # AdamW first: it sets the target
+    names = ["adamw"] + [n for n in names if n != "adamw"]
+  steps = args.steps or preset.steps
+  seeds = args.seeds or preset.seeds
+  lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else None
+  sweep = preset.sweep or lrs is not None
+
+  def grid(workload, name):
+    if lrs is not None:
+      return sorted(lrs)
+    if sweep:
+      return list(LR_GRIDS[workload])
+    try:
+      return [QUICK_LEARNING_RATES[workload][name]]
+    except KeyError:
+      raise SystemExit(f"the quick preset has no tuned learning rate for {name!r} on {workload!r}; "
+                       "pass --lrs or --preset cpu") from None
+
+  os.makedirs(args.out, exist_ok=True)
+  device = jax.devices()[0]
+  print(f"device: {device.device_kind} ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPU cores); JAX {jax.__version__}; preset {args.preset}: "
+        f"{len(workloads)} workload(s) × {len(names)} optimizer(s), {steps} steps, {seeds} seed(s)",
+        flush=True)
+  total = sum(len(grid(w, n)) + seeds - 1 for w in workloads for n in names)
+  report = {
+      "command": "python -m kl_optax.benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+      "device": device.device_kind, "platform": device.platform, "cpu_count": os.cpu_count(),
+      "jax": jax.__version__, "kl_optax": kl_optax.__version__, "preset": args.preset,
+      "steps": steps, "seeds": seeds, "kl_init_factor": args.kl_init_factor, "workloads": {},
+  }
+  t_start = time.perf_counter()
+  with tqdm(total=total, unit="run", disable=args.no_progress, dynamic_ncols=True) as bar:
+    for workload in workloads:
+      runner = _Runner(workload, preset.size, steps, args.evals, bar, args.kl_init_factor)
+      summary, runs = {}, {}
+      for name in names:
+        sweep_runs = _sweep(runner, name, grid(workload, name), args.max_extend)
+        valid = [r for r in sweep_runs if not r["diverged"]] or sweep_runs
+        best_lr = min(valid, key=lambda r: r["final_val"])["learning_rate"]
+        seed_runs = [runner.run(name, best_lr, seed) for seed in range(1, seeds)]
+        summary[name] = _summarize(runner, name, sweep_runs, seed_runs, args.timing_calls)
+        runs[name] = sweep_runs + seed_runs
+        tqdm.write(f"{workload:>16s} {name:>16s}: lr {best_lr:<8.3g} val "
+                   f"{summary[name]['final_val']:.4f}  step {summary[name]['step_ms']:.2f} ms",
+                   file=sys.stdout)
+      _relative(summary)
+      task = runner.task(0)
+      report["workloads"][workload] = {
+          "description": task.description, "params": task.setup.num_params,
+          "summary": summary, "runs": runs}
+      with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+      if not args.no_plots:
+        plot(os.path.join(args.out, f"{workload}.png"), workload, report["workloads"][workload])
+  report["seconds"] = time.perf_counter() - t_start
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write(markdown(report))
+  _print_summary(report)
+  print(f"\n{report['seconds'] / 60:.1f} min; results in {args.out}/ (results.json, results.md"
+        f"{', ' + ', '.join(w + '.png' for w in workloads) if not args.no_plots else ''})")
+  return report
