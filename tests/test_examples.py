@@ -157,6 +157,7 @@ def test_suite_extends_the_grid_beyond_an_edge_optimum():
   assert harness.extend_grid([1.0, 2.0, 4.0], 0) == 0.5
   assert harness.extend_grid([1.0, 2.0, 4.0], 2) == 8.0
   assert harness.extend_grid([1.0, 2.0, 4.0], 1) is None
+  assert harness.extend_grid([1.0], 0) is None
   assert harness.parse_variant("kl_shampoo@init_factor=1e-3@rank=8") == (
       "kl_shampoo", {"init_factor": 1e-3, "rank": 8})
 

@@ -264,8 +264,13 @@ def parse_variant(name: str) -> tuple[str, dict]:
 
 
 def extend_grid(grid: list[float], best: int) -> float | None:
-  """The next point of a geometric grid beyond an edge optimum at index ``best``, or None."""
-  ratio = grid[1] / grid[0] if len(grid) > 1 else 2.0
+  """The next point of a geometric grid beyond an edge optimum at index ``best``, or None.
+
+  A grid of one point is not extended (it is a fixed learning rate, not a sweep).
+  """
+  if len(grid) < 2:
+    return None
+  ratio = grid[1] / grid[0]
   if best == 0:
     return grid[0] / ratio
   if best == len(grid) - 1:
