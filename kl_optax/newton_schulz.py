@@ -1,4 +1,4 @@
-r"""Newton–Schulz orthogonalization (``ALGORITHMS.md`` §6).
+r"""Newton–Schulz orthogonalization (``docs/math.md``, "Newton–Schulz orthogonalization").
 
 ``NS(X) ≈ polar(X) = U_X V_Xᵀ`` for ``X = U_X Σ V_Xᵀ``: an odd matrix polynomial
 iterated on ``X / ‖X‖_F`` pushes every singular value towards one. Each step

@@ -20,7 +20,7 @@ documented per-tensor state:
 ``optax.GradientTransformationExtraArgs``. It stacks same-shape tensors and runs
 the parts under ``jax.vmap``, so a part is always written for a single tensor.
 
-KL-Shampoo (``ALGORITHMS.md`` §1) is::
+KL-Shampoo (``docs/math.md``, "KL-Shampoo") is::
 
     kron_transform(
         momentum(b1),                    # m ← b1 m + (1−b1) G
@@ -408,7 +408,7 @@ def _whitening_halves(state: KronState) -> list[jax.Array]:
 
 
 def kl_factor_update(b2: Any = 0.98) -> Part:
-  r"""The KL factor update (``ALGORITHMS.md`` §1.3).
+  r"""The KL factor update (``docs/math.md``, "KL-Shampoo").
 
   For every mode ``k``, with the *current* bases and eigenvalues (Jacobi order):
 
@@ -644,7 +644,7 @@ def qr_basis_refresh(
 
   Options:
 
-  * ``tolerance`` (adaptive refresh, ``ALGORITHMS.md`` §4): with
+  * ``tolerance`` (adaptive refresh, ``docs/math.md``, "Adaptive basis refresh"): with
     ``B = Q_kᵀ S_k Q_k``, the basis is kept when
     ``off(B) ≤ tolerance · ‖B‖_F`` (:func:`off_diagonal_ratio`); otherwise up to
     ``max_iters`` unshifted QR iterations ``Q_i R_i = qr(B); B ← R_i Q_i;

@@ -1,6 +1,6 @@
 r"""Pro-KLShampoo: one spike-and-flat factor, whitening recovered by orthogonalization.
 
-``ALGORITHMS.md`` §5 (a reconstruction from the paper's abstract and
+``docs/math.md``, "Pro-KLShampoo" (a reconstruction from the paper's abstract and
 KL-Shampoo's math). For a matrix ``G`` (``m × n`` once oriented so that the
 restricted side is the column side) KL-Shampoo's right factor is restricted to
 

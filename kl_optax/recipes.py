@@ -216,7 +216,7 @@ _FALLBACK_ARGS_DOC = """weight_decay_mask: pytree of bools (or a function of the
     block_size: cut dims larger than ``max_precond_dim`` into blocks of at most
       this length, each block with its own preconditioner (``None``: such
       tensors go to AdamW instead). Static; at most ``max_precond_dim``.
-    refresh_tolerance: adaptive basis refresh (``ALGORITHMS.md`` §4): a factor
+    refresh_tolerance: adaptive basis refresh (``docs/math.md``, "Adaptive basis refresh"): a factor
       keeps its basis while ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F``.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
@@ -353,7 +353,7 @@ def scale_by_kl_soap(
   r"""Rescales updates by KL-SOAP: Adam in the eigenbasis of KL-fitted factors.
 
   SOAP with its factor average replaced by the KL factor update of
-  :func:`scale_by_kl_shampoo` (``ALGORITHMS.md`` §2). The eigenvalue estimates
+  :func:`scale_by_kl_shampoo` (``docs/math.md``, "KL-SOAP"). The eigenvalue estimates
   ``λ_k`` only whiten the factor updates; they never enter the direction. Per
   step ``t ≥ 1``, with ``G̃ = P(G)`` in the current basis:
 
@@ -496,7 +496,7 @@ def scale_by_soap(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by SOAP: Adam in the eigenbasis of Shampoo's factors.
 
-  Per step ``t ≥ 1`` (``ALGORITHMS.md`` §3), with ``G̃ = P(G)``:
+  Per step ``t ≥ 1`` (``docs/math.md``, "The baselines"), with ``G̃ = P(G)``:
   ``m̃ ← b1 m̃ + (1−b1) G̃``, ``ṽ ← b2 ṽ + (1−b2) G̃²``,
   ``U = sqrt(1 − b2^t)/(1 − b1^t) · Pᵀ(m̃ ⊘ (sqrt(ṽ) + eps))``, then
   ``S_k ← b2 S_k + (1−b2) G_(k) G_(k)ᵀ`` and, every ``precondition_frequency``
@@ -625,7 +625,7 @@ def scale_by_shampoo(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Shampoo with Adam grafting (a baseline).
 
-  Per step ``t ≥ 1`` (``ALGORITHMS.md`` §3):
+  Per step ``t ≥ 1`` (``docs/math.md``, "The baselines"):
 
   1. ``D = (⊗_k (S_k + eps I)^{-1/(2K)}) G``, through the eigendecompositions
      ``S_k = Q_k diag(λ_k) Q_kᵀ`` of the last refresh;
@@ -751,14 +751,14 @@ def scale_by_eshampoo(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by eigenvalue-corrected Shampoo (EShampoo, a baseline).
 
-  Per step ``t ≥ 1`` (``ALGORITHMS.md`` §3): momentum in original coordinates
+  Per step ``t ≥ 1`` (``docs/math.md``, "The baselines"): momentum in original coordinates
   ``m ← b1 m + (1 − b1) G`` (``m̂ = m/(1 − b1^t)``); corrected eigenvalues
   ``D ← b2 D + (1 − b2) P(G)²`` in the current basis (never rotated);
   ``U = Pᵀ( P(m̂) ⊘ (sqrt(D/(1 − b2^t)) + eps) )``; factors
   ``S_k ← b2 S_k + (1 − b2) G_(k)G_(k)ᵀ``; and every
-  ``precondition_frequency`` steps the adaptive refresh of ``ALGORITHMS.md``
-  §4 (default tolerance 0.01 and one QR iteration, the defaults of Meta's
-  ``distributed_shampoo``). The first update initializes the factors and
+  ``precondition_frequency`` steps the adaptive refresh
+  (``docs/math.md``, "Adaptive basis refresh"; default tolerance 0.01 and one
+  QR iteration, the defaults of Meta's ``distributed_shampoo``). The first update initializes the factors and
   ``eigh`` bases and returns zero.
 
   Args:
@@ -910,7 +910,7 @@ def scale_by_pro_kl_shampoo(
     block_size: int | None = None,
     max_precond_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Rescales updates by Pro-KLShampoo's preconditioner (``ALGORITHMS.md`` §5).
+  r"""Rescales updates by Pro-KLShampoo's preconditioner (``docs/math.md``, "Pro-KLShampoo").
 
   Each matrix keeps a dense KL-Shampoo factor on one side and a rank-``r``
   spike-and-flat factor ``U diag(λ) Uᵀ + σ (I − UUᵀ)`` on the other (by
@@ -944,7 +944,8 @@ def scale_by_pro_kl_shampoo(
     ns_coefficients: ``"muon"`` (default), ``"exact"``, a triple or a schedule.
     ns_dtype: Newton–Schulz iteration dtype (``"bfloat16"`` on accelerators).
     accumulate: keep the subspace accumulator ``Y`` (``n × r`` per matrix).
-    refresh_tolerance: adaptive refresh of the dense bases (``ALGORITHMS.md`` §4).
+    refresh_tolerance: adaptive refresh of the dense bases (``docs/math.md``,
+      "Adaptive basis refresh").
     refresh_max_iters: QR iterations per adaptive refresh (static).
     state_dtype: storage dtype of moments, factors and bases.
     block_size: cut dims larger than ``max_precond_dim`` into blocks of this
@@ -1020,7 +1021,7 @@ def pro_kl_shampoo(
   three or more) get full KL-Shampoo.
 
   The method is reconstructed from the paper's abstract and KL-Shampoo's
-  math (``ALGORITHMS.md`` §5); the choices the abstract leaves open are
+  math (``docs/math.md``, "Pro-KLShampoo"); the choices the abstract leaves open are
   options: ``complement_scale``, ``restricted_side``, ``accumulate``,
   ``ns_coefficients``.
 

@@ -1,6 +1,6 @@
 """Which parameters get a Kronecker preconditioner, and which go to AdamW.
 
-The rule (``ALGORITHMS.md`` §7), applied leaf by leaf:
+The rule (``docs/math.md``, "Which tensors are preconditioned"), applied leaf by leaf:
 
 1. Size-1 dims are squeezed.
 2. A leaf is preconditioned when what remains has order ≥ 2 and the user's

@@ -45,7 +45,8 @@ TENSOR_BUFFERS = {"kl_shampoo": 1, "kl_soap": 2, "soap": 2, "shampoo": 2, "esham
 def state_floats_kl_shampoo(m: int, n: int, buffers: int = 1) -> int:
   """Analytic state of an m×n matrix: ``buffers`` m×n moments, S and Q per side, λ per side.
 
-  With ``buffers=1`` this is KL-Shampoo's ``mn + 2m² + 2n² + m + n`` (ALGORITHMS.md §5).
+  With ``buffers=1`` this is KL-Shampoo's ``mn + 2m² + 2n² + m + n``
+  (``docs/math.md``, "Pro-KLShampoo").
   """
   return buffers * m * n + 2 * m * m + 2 * n * n + m + n
 

@@ -7,7 +7,7 @@ Usage::
 Nothing is trained: the state is built with ``jax.eval_shape`` of each
 preconditioner's ``init`` on ``jax.ShapeDtypeStruct`` parameters (GPT-2-small
 weight shapes by default), so the figures are exact and take no memory.
-The formulas (float32, an m×n matrix, ALGORITHMS.md §5): KL-Shampoo keeps one
+The formulas (float32, an m×n matrix, ``docs/math.md``, "Pro-KLShampoo"): KL-Shampoo keeps one
 m×n momentum, ``S`` and ``Q`` per side and ``λ`` per side,
 ``mn + 2m² + 2n² + m + n`` floats; the SOAP-like recipes keep a second m×n
 buffer; Pro-KLShampoo of rank r, restricting the larger side n, keeps

@@ -3,7 +3,7 @@
 Usage::
 
     python -m kl_optax.benchmarks                    # quick: a few minutes on a CPU
-    python -m kl_optax.benchmarks --preset cpu       # the full CPU protocol (about an hour on 2 cores)
+    python -m kl_optax.benchmarks --preset cpu       # full CPU protocol (40 minutes, 2 cores)
     python -m kl_optax.benchmarks --preset gpu       # larger models, for an accelerator
     python -m kl_optax.benchmarks --preset cpu --workloads digits_mlp --optimizers adamw,kl_shampoo
 
@@ -12,9 +12,9 @@ an MLP and a CNN on real 8×8 handwritten digits, and stochastic Kronecker
 regression. Optimizers (:mod:`kl_optax.benchmarks.optimizers`): ``optax.adamw``,
 ``optax.contrib.muon`` and every recipe of the package.
 
-Protocol (shared/docs/BENCHMARKS.md): every optimizer gets the same schedule
-family (linear warm-up over 10% of the steps, cosine decay to 10% of the peak)
-and the same tuning budget: a sweep of the peak learning rate over one
+Protocol (the conventions of Shampoo-family papers and peer libraries): every
+optimizer gets the same schedule family (linear warm-up over 10% of the steps,
+cosine decay to 10% of the peak) and the same tuning budget: a sweep of the peak learning rate over one
 geometric grid per workload, extended on the side of an edge optimum (up to
 ``--max-extend`` points). The best learning rate (seed 0) is then rerun with
 more seeds (the seed changes the initialization and the batch order). Reported

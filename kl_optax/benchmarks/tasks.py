@@ -16,8 +16,8 @@ batches, and the leaves the Kronecker recipes and Muon send to AdamW.
   with rotated, ill-conditioned ``Σx`` and ``Σz``: the Hessian is ``Σx ⊗ Σz``,
   which a Kronecker preconditioner can capture and a diagonal one cannot.
 
-``size`` is ``"tiny"`` (tests), ``"cpu"`` (the default sizes of
-shared/docs/BENCHMARKS.md) or ``"gpu"`` (larger models for an accelerator).
+``size`` is ``"tiny"`` (tests), ``"cpu"`` (sizes that train in
+minutes on a 2-core CPU) or ``"gpu"`` (larger models for an accelerator).
 """
 
 from __future__ import annotations
