@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
         "update_ms": 1e3 * upd,
         "compile_s": best_runs[name]["compile_seconds"],
         "update_gflops": flops / 1e9,
-        "step_temp_mb": harness.step_memory(tx, setup, timing_batch)["temp"] / 2**20,
+        "step_temp_mb": best_runs[name]["step_memory"]["temp"] / 2**20,
         "state_bytes_per_param": best_runs[name]["state_bytes"] / setup.num_params,
         "refreshes": best_runs[name].get("refreshes"),
         "refresh_opportunities": best_runs[name].get("refresh_opportunities"),

@@ -29,10 +29,9 @@ __all__ = [
     "extend_grid",
     "make_setup",
     "median_time",
-    "parse_variant",
     "memory",
+    "parse_variant",
     "per_device_bytes",
-    "step_memory",
     "state_bytes",
     "train",
     "update_cost",
@@ -239,15 +238,6 @@ def memory(compiled) -> dict[str, int]:
   peak = (get("argument_size_in_bytes") + get("output_size_in_bytes")
           + get("temp_size_in_bytes") - get("alias_size_in_bytes"))
   return {"temp": get("temp_size_in_bytes"), "peak": peak}
-
-
-def step_memory(tx: optax.GradientTransformation, setup: TrainSetup, batch) -> dict[str, int]:
-  """:func:`memory` of the whole (donating) train step of ``setup`` with ``tx``."""
-  x, y = batch
-  state = jax.eval_shape(tx.init, setup.params)
-  compiled = jax.jit(_train_step(setup, tx), donate_argnums=(0, 1)).lower(
-      setup.params, state, setup.rest, x, y).compile()
-  return memory(compiled)
 
 
 def parse_variant(name: str) -> tuple[str, dict]:

@@ -242,6 +242,7 @@ def _summarize(runner: _Runner, name: str, sweep: list[dict], seeds: list[dict],
   upd, flops = harness.update_cost(runner.optimizer(name, lr), task.setup, task.batches(0),
                                    timing_calls)
   lrs = [r["learning_rate"] for r in sweep]
+  curve_steps, curve_val = _mean_curve(runs)
   return {
       "best_lr": lr,
       "edge_optimum": len(sweep) > 1 and lr in (min(lrs), max(lrs)),
@@ -256,8 +257,8 @@ def _summarize(runner: _Runner, name: str, sweep: list[dict], seeds: list[dict],
       "state_bytes_per_param": best["state_bytes"] / task.setup.num_params,
       "peak_mib": best["step_memory"].get("peak", -1) / 2**20,
       "temp_mib": best["step_memory"].get("temp", -1) / 2**20,
-      "curve_steps": _mean_curve(runs)[0],
-      "curve_val": _mean_curve(runs)[1],
+      "curve_steps": curve_steps,
+      "curve_val": curve_val,
       "curve_seconds": [float(np.mean(c)) for c in zip(*(_wallclock(r) for r in runs
                                                           if not r["diverged"]))],
       "sweep": [{"lr": r["learning_rate"], "final_val": r["final_val"], "diverged": r["diverged"]}
