@@ -21,6 +21,11 @@ What it shows:
   sharded across all devices, so each device refreshes its share of the bases
   and stores its share of the state: the script prints the per-device state
   bytes next to the total.
+
+The model is the character GPT of ``kl_optax.models`` (its Megatron-style
+layout is ``kl_optax.models.PARAM_RULES``), the text comes from
+``kl_optax.datasets.load_corpus``; ``--optimizer`` picks AdamW, Muon or any
+Kronecker recipe of the package, each with the same warm-up + cosine schedule.
 """
 
 from __future__ import annotations
@@ -33,18 +38,55 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
       os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # pylint: disable=wrong-import-position
+import collections  # pylint: disable=wrong-import-position
 import time  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
+import optax  # pylint: disable=wrong-import-position
 from flax import nnx  # pylint: disable=wrong-import-position
 from jax.sharding import AxisType, NamedSharding  # pylint: disable=wrong-import-position
 from jax.sharding import PartitionSpec as P  # pylint: disable=wrong-import-position
 
 import kl_optax  # pylint: disable=wrong-import-position
-from kl_optax.benchmarks import gpt, workload  # pylint: disable=wrong-import-position
-from kl_optax.benchmarks.harness import per_device_bytes  # pylint: disable=wrong-import-position
-from kl_optax.benchmarks.optimizers import make_optimizer  # pylint: disable=wrong-import-position
+from kl_optax.datasets import load_corpus  # pylint: disable=wrong-import-position
+from kl_optax.models import (  # pylint: disable=wrong-import-position
+    ADAM_LEAVES, GPT, GPTConfig, loss_fn, make_train_step, param_spec)
+
+OPTIMIZERS = ("adamw", "muon", "kl_shampoo", "kl_soap", "pro_kl_shampoo", "soap", "shampoo",
+              "eshampoo")
+
+
+def make_optimizer(name: str, peak_lr: float, steps: int) -> optax.GradientTransformation:
+  """``name`` with warm-up over 10% of the steps, cosine decay to 10% of the peak, weight decay 0.01.
+
+  The Kronecker recipes and Muon send the embeddings, the position table and
+  the output head (``ADAM_LEAVES``) to AdamW.
+  """
+  schedule = optax.warmup_cosine_decay_schedule(0.0, peak_lr, max(1, round(0.1 * steps)), steps,
+                                                0.1 * peak_lr)
+  mask = kl_optax.exclude(*ADAM_LEAVES)
+  if name == "adamw":
+    return optax.adamw(schedule, weight_decay=0.01)
+  if name == "muon":  # Muon orthogonalizes the matrices the recipes precondition.
+    dims = lambda params: jax.tree.map(
+        lambda label: optax.contrib.MuonDimensionNumbers() if label == "kron" else None,
+        kl_optax.kron_labels(params, precondition_mask=mask))
+    return optax.contrib.muon(schedule, weight_decay=0.01, muon_weight_dimension_numbers=dims)
+  # KL-Shampoo and KL-SOAP start from small factors in a run this short.
+  kwargs = {"init_factor": 1e-3} if name in ("kl_shampoo", "kl_soap") else {}
+  return getattr(kl_optax, name)(schedule, weight_decay=0.01,
+                                 layout=kl_optax.Layout(precondition_mask=mask), **kwargs)
+
+
+def per_device_bytes(tree) -> tuple[int, int]:
+  """(bytes on the fullest device, total bytes) of the arrays of ``tree``, from their shards."""
+  leaves = jax.tree.leaves(tree)
+  on_device = collections.Counter()
+  for shard in (s for leaf in leaves for s in leaf.addressable_shards):
+    on_device[shard.device] += shard.data.nbytes
+  return max(on_device.values()), sum(leaf.nbytes for leaf in leaves)
+
 
 def make_mesh(model_parallel: int) -> jax.sharding.Mesh:
   n = jax.device_count()
@@ -61,8 +103,10 @@ def global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  workload.add_arguments(p, d_model=64, layers=4, context=64, batch=32, steps=60)
-  p.add_argument("--optimizer", default="kl_shampoo")
+  for flag, default in {"--d-model": 64, "--layers": 4, "--heads": 4, "--context": 64,
+                        "--batch": 32, "--steps": 60, "--val-batches": 16, "--seed": 0}.items():
+    p.add_argument(flag, type=int, default=default)
+  p.add_argument("--optimizer", default="kl_shampoo", choices=OPTIMIZERS)
   p.add_argument("--lr", type=float, default=1.6e-2)
   p.add_argument("--model-parallel", type=int, default=4)
   p.add_argument("--log-every", type=int, default=10)
@@ -74,16 +118,20 @@ def main(argv=None):
   main_process = jax.process_index() == 0
   say = print if main_process else (lambda *a, **k: None)
 
-  work = workload.from_args(args)
+  corpus = load_corpus()
+  cfg = GPTConfig(corpus.vocab_size, context=args.context, d_model=args.d_model,
+                  n_layers=args.layers, n_heads=args.heads)
+  # Every process draws the same global batch i with the seed (seed, i) and keeps its shards.
+  batches = corpus.batches(args.seed, args.batch, args.context)
+  val_batches = corpus.validation_batches(args.seed, args.batch, args.context, args.val_batches)
   mesh = make_mesh(args.model_parallel)
-  opt_kwargs = {"init_factor": 1e-3} if args.optimizer in ("kl_shampoo", "kl_soap") else {}
-  tx = make_optimizer(args.optimizer, args.lr, args.steps, **opt_kwargs)
+  tx = make_optimizer(args.optimizer, args.lr, args.steps)
 
   with jax.set_mesh(mesh):
-    graphdef, params, rest = nnx.split(work.model(), nnx.Param, ...)
+    graphdef, params, rest = nnx.split(GPT(cfg, nnx.Rngs(args.seed)), nnx.Param, ...)
     param_shardings = jax.tree_util.tree_map_with_path(
         lambda path, x: NamedSharding(
-            mesh, gpt.param_spec(jax.tree_util.keystr(path), x.shape, mesh)), params)
+            mesh, param_spec(jax.tree_util.keystr(path), x.shape, mesh)), params)
     params = jax.device_put(params, param_shardings)
     state_shardings = kl_optax.state_shardings(tx, params)
     opt_state = jax.jit(tx.init, out_shardings=state_shardings)(params)
@@ -91,9 +139,9 @@ def main(argv=None):
     replicated = NamedSharding(mesh, P())
 
     train_step = jax.jit(
-        gpt.make_train_step(graphdef, rest, tx), donate_argnums=(0, 1),
+        make_train_step(graphdef, rest, tx), donate_argnums=(0, 1),
         out_shardings=(param_shardings, state_shardings, replicated))
-    eval_loss = jax.jit(lambda p, x, y: gpt.loss_fn(nnx.merge(graphdef, p, rest), x, y))
+    eval_loss = jax.jit(lambda p, x, y: loss_fn(nnx.merge(graphdef, p, rest), x, y))
 
     device_bytes, total_bytes = per_device_bytes(opt_state)
     say(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
@@ -103,7 +151,7 @@ def main(argv=None):
 
     losses, step_times = [], []
     for step in range(args.steps):
-      inputs, targets = (global_array(a, batch_sharding) for a in work.batches(step))
+      inputs, targets = (global_array(a, batch_sharding) for a in batches(step))
       t0 = time.perf_counter()
       params, opt_state, loss = train_step(params, opt_state, inputs, targets)
       losses.append(float(loss))
@@ -112,7 +160,7 @@ def main(argv=None):
         say(f"step {step + 1:5d}  train loss {np.mean(losses[-args.log_every:]):.4f}")
     val = float(np.mean([
         eval_loss(params, *(global_array(a, batch_sharding) for a in batch))
-        for batch in work.val]))
+        for batch in val_batches]))
   step_ms = 1e3 * float(np.median(step_times[2:] or step_times))
   say(f"validation loss {val:.4f}; median step {step_ms:.1f} ms (first step, with "
       f"compilation: {1e3 * step_times[0]:.0f} ms)")

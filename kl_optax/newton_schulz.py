@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import optax
 
 from kl_optax import kron
-from kl_optax.compose import check_floating, leaf_path, squeezed_shape
-from kl_optax.parts import Part, TensorStep
+from kl_optax import validation
+from kl_optax.state import Part, TensorStep
+from kl_optax.trees import check_floating, leaf_path, squeezed_shape
 
 __all__ = [
     "EXACT_COEFFICIENTS",
@@ -57,7 +58,7 @@ def newton_schulz_coefficients(coefficients: Any, steps: int) -> list[tuple[floa
     ValueError: an unknown preset, a malformed triple or a schedule whose
       length is not ``steps``.
   """
-  if _static_steps(steps) is None:
+  if validation.static_int(steps, "ns_steps", traced_ok=True) is None:
     triple = _single_triple(coefficients)
     if triple is None:
       raise TypeError(
@@ -65,7 +66,7 @@ def newton_schulz_coefficients(coefficients: Any, steps: int) -> list[tuple[floa
           "needs one (a, b, c) triple for every step; a per-step schedule needs "
           "ns_steps in static_args.")
     return [triple]
-  steps = _static_steps(steps)
+  steps = validation.static_int(steps, "ns_steps", traced_ok=True)
   if isinstance(coefficients, str):
     if coefficients not in _PRESETS:
       raise ValueError(
@@ -81,19 +82,6 @@ def newton_schulz_coefficients(coefficients: Any, steps: int) -> list[tuple[floa
         f"ns_coefficients: a per-step schedule needs {steps} (a, b, c) triples, "
         f"got {len(schedule)} entries.")
   return schedule
-
-
-def _static_steps(steps: Any) -> int | None:
-  """``steps`` as a Python int; ``None`` when it is traced. Raises for a bad value."""
-  if isinstance(steps, bool):
-    raise ValueError(f"ns_steps must be an integer ≥ 1, got {steps!r}.")
-  try:
-    value, exact = int(steps), float(steps)
-  except jax.errors.ConcretizationTypeError:
-    return None
-  if value < 1 or value != exact:
-    raise ValueError(f"ns_steps must be an integer ≥ 1, got {steps!r}.")
-  return value
 
 
 def _single_triple(coefficients: Any) -> tuple[float, float, float] | None:
@@ -156,7 +144,7 @@ def newton_schulz_orthogonalize(
     poly = b * gram + c * jnp.matmul(gram, gram, precision=precision)
     return a * y + jnp.matmul(poly, y, precision=precision)
 
-  if _static_steps(steps) is None:  # a traced count: one triple, a loop
+  if validation.static_int(steps, "ns_steps", traced_ok=True) is None:  # a traced count: one triple, a loop
     a, b, c = schedule[0]
     y = jax.lax.fori_loop(0, steps, lambda _, y: iterate(y, a, b, c), y)
   else:

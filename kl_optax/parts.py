@@ -36,32 +36,40 @@ specification (both read the old ``Q`` and ``λ``); ``qr_basis_refresh`` comes
 last so that it sees this step's factors.
 
 All parts compute in float32; the wrapper casts stored state up before and
-back down after the sequence.
+back down after the sequence. The state types are in :mod:`kl_optax.state`,
+with the names of the slots the parts own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from kl_optax import kron
+from kl_optax import validation
+from kl_optax.state import (
+    MU,
+    MU_EIG,
+    NU_EIG,
+    NU_GRAFT,
+    REFRESH_FAILURES,
+    REFRESHES,
+    KronState,
+    Part,
+    Shape,
+    TensorStep,
+)
 
 __all__ = [
-    "REFRESH_FAILURE_SLOT",
-    "REFRESH_SLOT",
-    "KronState",
-    "Part",
-    "TensorStep",
     "adam_grafting",
     "adam_in_eigenbasis",
     "clamp_floor",
     "eigenvalue_corrected_whiten",
     "eigh_basis_refresh",
     "ema_eigenvalues",
-    "init_kron_state",
     "inverse_root",
     "kl_factor_update",
     "momentum",
@@ -71,106 +79,8 @@ __all__ = [
     "whiten",
 ]
 
-Shape = tuple[int, ...]
-
-
-class KronState(NamedTuple):
-  """Preconditioner state of one tensor ``G`` of shape ``(d_1, …, d_K)``.
-
-  Inside :func:`kl_optax.kron_transform` every field carries an extra leading
-  axis: the stack of all preconditioned tensors that share this shape.
-
-  Attributes:
-    factors: ``S_k``, one symmetric ``(d_k, d_k)`` matrix per mode.
-    bases: ``Q_k``, one ``(d_k, d_k)`` matrix with orthonormal columns per mode.
-    eigvals: ``λ_k``, one ``(d_k,)`` vector per mode: the eigenvalue estimates
-      of ``S_k`` in the basis ``Q_k``, as the optimizer currently knows them.
-      ``Ŝ_k⁻¹ = Q_k diag(λ_k)⁻¹ Q_kᵀ``.
-    slots: named buffers owned by individual parts (``'mu'``: momentum, …).
-  """
-
-  factors: tuple[jax.Array, ...]
-  bases: tuple[jax.Array, ...]
-  eigvals: tuple[jax.Array, ...]
-  slots: dict[str, jax.Array]
-
-
-class TensorStep(NamedTuple):
-  """The values a part reads and returns during one step of one tensor.
-
-  Attributes:
-    state: the tensor's :class:`KronState` (float32).
-    grad: this step's gradient, squeezed to the tensor's shape, float32.
-    update: the running output of the sequence; starts equal to ``grad``.
-    count: the step number ``t`` (int32 scalar): ``0`` on the initialization
-      step, ``1`` on the first real update, and so on.
-  """
-
-  state: KronState
-  grad: jax.Array
-  update: jax.Array
-  count: jax.Array
-
-
-class Part(NamedTuple):
-  """One building block of a Kronecker-factored optimizer.
-
-  Attributes:
-    update: ``TensorStep -> TensorStep`` for the steps ``t ≥ 1``.
-    first_update: ``TensorStep -> TensorStep`` for the initialization step
-      ``t = 0`` (``None``: the part does nothing then). The update returned by
-      the whole sequence at ``t = 0`` is zero whatever this function does.
-    init_slots: ``shape -> {name: array}``, the slots the part owns for a tensor
-      of that shape (``None``: no slots).
-    name: a short description, used in error messages.
-    init_state: ``KronState -> KronState`` applied to the initial state after
-      the slots are created (``None``: nothing). A part that keeps a mode's
-      factor in another form (:func:`kl_optax.spike_flat_projection`) uses it
-      to replace that mode's dense factor, basis and eigenvalues by empty
-      placeholders.
-  """
-
-  update: Callable[[TensorStep], TensorStep]
-  first_update: Callable[[TensorStep], TensorStep] | None = None
-  init_slots: Callable[[Shape], dict[str, jax.Array]] | None = None
-  name: str = "part"
-  init_state: Callable[[KronState], KronState] | None = None
-
-  def __call__(self, step: TensorStep) -> TensorStep:
-    return self.update(step)
-
-
-def init_kron_state(
-    shape: Shape, slots: Mapping[str, jax.Array] | None = None
-) -> KronState:
-  """The state of one tensor before its first update.
-
-  Factors are zero, bases the identity and eigenvalue estimates one; the
-  initialization step (``Part.first_update`` of the parts) replaces them.
-
-  Examples:
-    >>> import kl_optax
-    >>> st = kl_optax.init_kron_state((3, 4))
-    >>> [s.shape for s in st.factors]
-    [(3, 3), (4, 4)]
-  """
-  f32 = jnp.float32
-  return KronState(
-      factors=tuple(jnp.zeros((d, d), f32) for d in shape),
-      bases=tuple(jnp.eye(d, dtype=f32) for d in shape),
-      eigvals=tuple(jnp.ones((d,), f32) for d in shape),
-      slots=dict(slots or {}),
-  )
-
-
 def _f32(x: Any) -> jax.Array:
   return jnp.asarray(x, jnp.float32)
-
-
-def _with_slot(state: KronState, name: str, value: jax.Array) -> KronState:
-  slots = dict(state.slots)
-  slots[name] = value
-  return state._replace(slots=slots)
 
 
 def _zero_slots(*names: str) -> Callable[[Shape], dict[str, jax.Array]]:
@@ -199,7 +109,7 @@ def _others_size(shape: Shape, k: int) -> int:
 
 def momentum(
     b1: Any = 0.9, *, nesterov: bool = False, bias_correction: bool = False,
-    slot: str = "mu",
+    slot: str = MU,
 ) -> Part:
   r"""Exponential moving average of the running update, kept in original coordinates.
 
@@ -224,7 +134,7 @@ def momentum(
     out = beta * mu + (1.0 - beta) * step.update if nesterov else mu
     if bias_correction:
       out = out / _debias(beta, step.count)
-    return step._replace(state=_with_slot(step.state, slot, mu), update=out)
+    return step._replace(state=step.state.with_slots(**{slot: mu}), update=out)
 
   return Part(update=update, init_slots=_zero_slots(slot), name=f"momentum({slot})")
 
@@ -263,8 +173,8 @@ def adam_in_eigenbasis(
     eps: Any = 1e-8,
     *,
     bias_correction: bool = False,
-    mu_slot: str = "mu_eig",
-    nu_slot: str = "nu_eig",
+    mu_slot: str = MU_EIG,
+    nu_slot: str = NU_EIG,
 ) -> Part:
   r"""Adam run in the Kronecker eigenbasis (the direction of SOAP and KL-SOAP).
 
@@ -303,14 +213,14 @@ def adam_in_eigenbasis(
     u = kron.project_back(mu / (jnp.sqrt(nu) + _f32(eps)), st.bases)
     if bias_correction:
       u = u * (jnp.sqrt(_debias(beta2, step.count)) / _debias(beta1, step.count))
-    state = _with_slot(_with_slot(st, mu_slot, mu), nu_slot, nu)
+    state = st.with_slots(**{mu_slot: mu, nu_slot: nu})
     return step._replace(state=state, update=u)
 
   return Part(update=update, init_slots=_zero_slots(mu_slot, nu_slot), name="adam_in_eigenbasis")
 
 
 def eigenvalue_corrected_whiten(
-    b2: Any = 0.95, eps: Any = 1e-8, *, bias_correction: bool = True, slot: str = "nu_eig"
+    b2: Any = 0.95, eps: Any = 1e-8, *, bias_correction: bool = True, slot: str = NU_EIG
 ) -> Part:
   r"""EShampoo's direction: the running update divided by corrected eigenvalues.
 
@@ -337,7 +247,7 @@ def eigenvalue_corrected_whiten(
     d_hat = d / _debias(beta, step.count) if bias_correction else d
     u = kron.project_back(
         kron.project(step.update, st.bases) / (jnp.sqrt(d_hat) + _f32(eps)), st.bases)
-    return step._replace(state=_with_slot(st, slot, d), update=u)
+    return step._replace(state=st.with_slots(**{slot: d}), update=u)
 
   return Part(update=update, init_slots=_zero_slots(slot), name="eigenvalue_corrected_whiten")
 
@@ -368,7 +278,7 @@ def inverse_root(eps: Any = 1e-12, *, exponent: Any = None) -> Part:
   return Part(update=update, name="inverse_root")
 
 
-def adam_grafting(b2: Any = 0.999, eps: Any = 1e-8, *, slot: str = "nu_graft") -> Part:
+def adam_grafting(b2: Any = 0.999, eps: Any = 1e-8, *, slot: str = NU_GRAFT) -> Part:
   r"""Rescales the running update to the norm of Adam's direction (per tensor).
 
   ``ν ← b2 ν + (1 − b2) G²``, ``A = G / (sqrt(ν / (1 − b2^t)) + eps)`` and
@@ -390,7 +300,7 @@ def adam_grafting(b2: Any = 0.999, eps: Any = 1e-8, *, slot: str = "nu_graft") -
     adam = step.grad / (jnp.sqrt(nu / _debias(beta, step.count)) + _f32(eps))
     norm_u = jnp.linalg.norm(step.update)
     scale = jnp.where(norm_u > 0, jnp.linalg.norm(adam) / jnp.where(norm_u > 0, norm_u, 1.0), 0.0)
-    return step._replace(state=_with_slot(step.state, slot, nu), update=step.update * scale)
+    return step._replace(state=step.state.with_slots(**{slot: nu}), update=step.update * scale)
 
   return Part(update=update, init_slots=_zero_slots(slot), name="adam_grafting")
 
@@ -549,21 +459,6 @@ def ema_eigenvalues(
 # ----------------------------------------------------------------------------
 
 
-REFRESH_SLOT = "refreshes"
-REFRESH_FAILURE_SLOT = "refresh_failures"
-
-
-def _static_iters(value: Any, name: str) -> int:
-  if value is None:
-    return 1
-  if isinstance(value, jax.core.Tracer):
-    raise TypeError(f"{name} must be a static Python int, got a traced value.")
-  value = int(value)
-  if value < 1:
-    raise ValueError(f"{name} must be ≥ 1, got {value}.")
-  return value
-
-
 def _static_tolerance(value: Any) -> Any:
   """``None`` for "always refresh" (``None`` or a Python zero); the value otherwise."""
   if value is None:
@@ -583,8 +478,8 @@ def _placeholder(factor: jax.Array) -> bool:
 
 
 def _refresh_init(shape):
-  return {REFRESH_SLOT: jnp.zeros((len(shape),), jnp.int32),
-          REFRESH_FAILURE_SLOT: jnp.zeros((len(shape),), jnp.int32)}
+  return {REFRESHES: jnp.zeros((len(shape),), jnp.int32),
+          REFRESH_FAILURES: jnp.zeros((len(shape),), jnp.int32)}
 
 
 def _count(slots, name, flags):
@@ -679,7 +574,7 @@ def qr_basis_refresh(
     and ``'refresh_failures'``.
   """
   tol = _static_tolerance(tolerance)
-  iters = _static_iters(max_iters, "max_iters")
+  iters = validation.static_int(max_iters, "max_iters", default=1)
   plain = tol is None and iters == 1
 
   def first_update(step: TensorStep) -> TensorStep:
@@ -694,7 +589,7 @@ def qr_basis_refresh(
       ok = jnp.all(jnp.isfinite(v))
       bases.append(jnp.where(ok, v, q))
       failed.append(~ok)
-    _count(slots, REFRESH_FAILURE_SLOT, failed)
+    _count(slots, REFRESH_FAILURES, failed)
     return step._replace(state=step.state._replace(bases=tuple(bases), slots=slots))
 
   def refresh(state: KronState) -> KronState:
@@ -723,8 +618,8 @@ def qr_basis_refresh(
       raise ValueError("qr_basis_refresh: rotate_slots needs a dense basis for every mode.")
     for name in rotate_slots:
       slots[name] = kron.project(kron.project_back(slots[name], state.bases), bases)
-    _count(slots, REFRESH_SLOT, done)
-    _count(slots, REFRESH_FAILURE_SLOT, failed)
+    _count(slots, REFRESHES, done)
+    _count(slots, REFRESH_FAILURES, failed)
     return state._replace(bases=tuple(bases), slots=slots)
 
   def update(step: TensorStep) -> TensorStep:
@@ -778,8 +673,8 @@ def eigh_basis_refresh(precondition_frequency: Any = 10, *, tolerance: Any = Non
       else:
         out.append(refresh_one(s, q, lam))
     slots = dict(state.slots)
-    _count(slots, REFRESH_SLOT, [o[2] for o in out])
-    _count(slots, REFRESH_FAILURE_SLOT, [o[3] & ~o[2] for o in out])
+    _count(slots, REFRESHES, [o[2] for o in out])
+    _count(slots, REFRESH_FAILURES, [o[3] & ~o[2] for o in out])
     return state._replace(eigvals=tuple(o[0] for o in out), bases=tuple(o[1] for o in out),
                           slots=slots)
 
@@ -787,7 +682,7 @@ def eigh_basis_refresh(precondition_frequency: Any = 10, *, tolerance: Any = Non
     st = step.state
     out = [decompose(s, q, lam) for s, q, lam in zip(st.factors, st.bases, st.eigvals)]
     slots = dict(st.slots)
-    _count(slots, REFRESH_FAILURE_SLOT, [~o[2] for o in out])
+    _count(slots, REFRESH_FAILURES, [~o[2] for o in out])
     return step._replace(state=st._replace(eigvals=tuple(o[0] for o in out),
                                            bases=tuple(o[1] for o in out), slots=slots))
 

@@ -30,28 +30,28 @@ empty placeholders.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from kl_optax import kron
+from kl_optax import validation
 from kl_optax.newton_schulz import newton_schulz_coefficients, newton_schulz_orthogonalize
-from kl_optax.parts import (
-    REFRESH_SLOT,
+from kl_optax.parts import clamp_floor
+from kl_optax.state import (
+    FLAT,
+    REFRESHES,
+    SPIKE_BASIS,
+    SPIKE_EIGVALS,
+    SPIKE_SKETCH,
     KronState,
     Part,
     TensorStep,
-    _f32,
-    _with_slot,
-    clamp_floor,
 )
 
 __all__ = [
-    "BASIS_SLOT",
-    "EIGVALS_SLOT",
-    "FLAT_SLOT",
-    "SKETCH_SLOT",
     "SpikeFlat",
     "restricted_mode",
     "spike_flat_apply",
@@ -62,12 +62,11 @@ __all__ = [
     "spike_flat_whiten",
 ]
 
-BASIS_SLOT = "spike_basis"
-EIGVALS_SLOT = "spike_eigvals"
-FLAT_SLOT = "flat"
-SKETCH_SLOT = "spike_sketch"
-
 _HI = kron.HIGHEST
+
+
+def _f32(x: Any) -> jax.Array:
+  return jnp.asarray(x, jnp.float32)
 
 
 def _mm(a, b):
@@ -167,13 +166,11 @@ def _orient(x: jax.Array, mode: int) -> jax.Array:
 
 def _spike_flat(state: KronState) -> SpikeFlat:
   s = state.slots
-  return SpikeFlat(s[BASIS_SLOT], s[EIGVALS_SLOT], s[FLAT_SLOT])
+  return SpikeFlat(s[SPIKE_BASIS], s[SPIKE_EIGVALS], s[FLAT])
 
 
 def _with_spike_flat(state: KronState, sf: SpikeFlat) -> KronState:
-  state = _with_slot(state, BASIS_SLOT, sf.basis)
-  state = _with_slot(state, EIGVALS_SLOT, sf.eigvals)
-  return _with_slot(state, FLAT_SLOT, sf.flat)
+  return state.with_slots(**{SPIKE_BASIS: sf.basis, SPIKE_EIGVALS: sf.eigvals, FLAT: sf.flat})
 
 
 def _check_rank(shape, mode, rank):
@@ -246,138 +243,188 @@ def spike_flat_projection(
     A :class:`~kl_optax.Part` for matrices. It writes the dense mode's
     factor and eigenvalues and owns the slots named in the module docstring.
   """
-  rank = int(rank)
-  if rank < 1:
-    raise ValueError(f"rank must be ≥ 1, got {rank}.")
+  rank = validation.static_int(rank, "rank")
   restricted_mode((2, 2), restricted_side)  # validate the option now
+  options = _ProjectionOptions(rank, b2, precondition_frequency, init_factor, max_clamp,
+                               restricted_side, accumulate)
+  return Part(update=functools.partial(_projection_update, options),
+              first_update=functools.partial(_projection_first_update, options),
+              init_slots=functools.partial(_projection_slots, options),
+              init_state=functools.partial(_without_restricted_factor, options),
+              name="spike_flat_projection")
 
-  def modes(shape):
-    mode = restricted_mode(shape, restricted_side)
+
+class _ProjectionOptions(NamedTuple):
+  rank: int
+  b2: Any
+  precondition_frequency: Any
+  init_factor: Any
+  max_clamp: Any
+  restricted_side: str
+  accumulate: bool
+
+  def modes(self, shape) -> tuple[int, int]:
+    """(restricted mode, dense mode) of a matrix of this shape."""
+    mode = restricted_mode(tuple(shape), self.restricted_side)
     return mode, 1 - mode
 
-  def init_slots(shape):
-    mode, _ = modes(shape)
-    _check_rank(shape, mode, rank)
-    n = shape[mode]
-    f32 = jnp.float32
-    slots = {
-        BASIS_SLOT: jnp.eye(n, rank, dtype=f32),
-        EIGVALS_SLOT: jnp.ones((rank,), f32),
-        FLAT_SLOT: jnp.ones((), f32),
-        REFRESH_SLOT: jnp.zeros((2,), jnp.int32),
-    }
-    if accumulate:
-      slots[SKETCH_SLOT] = jnp.zeros((n, rank), f32)
-    return slots
 
-  def init_state(state: KronState) -> KronState:
-    shape = tuple(f.shape[-1] for f in state.factors)
-    mode, _ = modes(shape)
-    n = shape[mode]
-    factors, bases, eigvals = list(state.factors), list(state.bases), list(state.eigvals)
-    factors[mode] = jnp.zeros((0, n), jnp.float32)
-    bases[mode] = jnp.zeros((0, n), jnp.float32)
-    eigvals[mode] = jnp.zeros((0,), jnp.float32)
-    return state._replace(factors=tuple(factors), bases=tuple(bases), eigvals=tuple(eigvals))
+def _projection_slots(options: _ProjectionOptions, shape) -> dict[str, jax.Array]:
+  mode, _ = options.modes(shape)
+  _check_rank(shape, mode, options.rank)
+  n, rank, f32 = shape[mode], options.rank, jnp.float32
+  slots = {
+      SPIKE_BASIS: jnp.eye(n, rank, dtype=f32),
+      SPIKE_EIGVALS: jnp.ones((rank,), f32),
+      FLAT: jnp.ones((), f32),
+      REFRESHES: jnp.zeros((2,), jnp.int32),
+  }
+  if options.accumulate:
+    slots[SPIKE_SKETCH] = jnp.zeros((n, rank), f32)
+  return slots
 
-  def first_update(step: TensorStep) -> TensorStep:
-    st = step.state
-    mode, dense = modes(step.grad.shape)
-    g = _orient(step.grad, mode)
-    m, n = g.shape
-    gram = _mm(g, g.T)
-    _, v = kron.eigh_descending(gram)
-    k = min(rank, m)
-    top = _mm(g.T, v[:, :k])
-    if k < rank:
-      top = jnp.concatenate([top, jnp.eye(n, rank - k, dtype=top.dtype)], axis=1)
-    basis = kron.qr_orthonormal(top)
-    init = _f32(init_factor)
-    sf = SpikeFlat(basis, jnp.full((rank,), init), init)
-    factors, eigvals = list(st.factors), list(st.eigvals)
-    factors[dense] = (1.0 - _f32(b2)) / n * gram
-    eigvals[dense] = jnp.full((m,), init)
-    st = _with_spike_flat(st._replace(factors=tuple(factors), eigvals=tuple(eigvals)), sf)
-    if accumulate:
-      st = _with_slot(st, SKETCH_SLOT, basis * sf.eigvals)
-    return step._replace(state=st)
 
-  def refresh(args):
-    st, sketch = args
-    sf = _spike_flat(st)
-    new_basis = kron.qr_orthonormal(sketch)
-    new = spike_flat_reexpress(sf, new_basis)
-    n = sf.basis.shape[0]
-    floor = clamp_floor(n, max_clamp)
-    new = new._replace(eigvals=jnp.maximum(new.eigvals, floor),
-                       flat=jnp.maximum(new.flat, floor))
-    ok = (jnp.all(jnp.isfinite(new.basis)) & jnp.all(jnp.isfinite(new.eigvals))
-          & jnp.isfinite(new.flat))
-    new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, sf)
-    st = _with_spike_flat(st, new)
-    if accumulate:
-      st = _with_slot(st, SKETCH_SLOT, new.basis * new.eigvals)
-    mode = restricted_mode(tuple(f.shape[-1] for f in st.factors), restricted_side)
-    bump = jnp.zeros((2,), jnp.int32).at[mode].set(ok.astype(jnp.int32))
-    return _with_slot(st, REFRESH_SLOT, st.slots[REFRESH_SLOT] + bump)
+def _without_restricted_factor(options: _ProjectionOptions, state: KronState) -> KronState:
+  """Empty placeholders for the restricted mode's dense factor, basis and eigenvalues."""
+  shape = tuple(f.shape[-1] for f in state.factors)
+  mode, _ = options.modes(shape)
+  n = shape[mode]
+  factors, bases, eigvals = list(state.factors), list(state.bases), list(state.eigvals)
+  factors[mode] = jnp.zeros((0, n), jnp.float32)
+  bases[mode] = jnp.zeros((0, n), jnp.float32)
+  eigvals[mode] = jnp.zeros((0,), jnp.float32)
+  return state._replace(factors=tuple(factors), bases=tuple(bases), eigvals=tuple(eigvals))
 
-  def update(step: TensorStep) -> TensorStep:
-    st = step.state
-    mode, dense = modes(step.grad.shape)
-    g = _orient(step.grad, mode)
-    m, n = g.shape
-    beta = _f32(b2)
-    sf = _spike_flat(st)
-    qa, lam_a = st.bases[dense], st.eigvals[dense]
 
-    # 1. Left factor with R̂⁻¹ in closed form (old λ, σ, U, Q_a, λ_a).
-    z = _mm(g, sf.basis)
-    gram = _mm(g, g.T)
-    zz = _mm(z, z.T)
-    inc = (_mm(z / sf.eigvals, z.T) + (gram - zz) / sf.flat) / n
-    ga = _mm(qa.T, g)
-    za = _mm(ga, sf.basis)
-    za2 = jnp.square(za)
-    delta_a = (jnp.sum(za2 / sf.eigvals, axis=1)
-               + (jnp.sum(jnp.square(ga), axis=1) - jnp.sum(za2, axis=1)) / sf.flat) / n
-    new_lam_a = jnp.maximum(beta * lam_a + (1.0 - beta) * delta_a, clamp_floor(m, max_clamp))
-    new_lam_a = jnp.where(jnp.isfinite(new_lam_a), new_lam_a, lam_a)
-    new_s_a = beta * st.factors[dense] + (1.0 - beta) * inc
-    new_s_a = jnp.where(jnp.all(jnp.isfinite(new_s_a)), new_s_a, st.factors[dense])
+def _with_dense_mode(state: KronState, dense: int, factor, eigvals) -> KronState:
+  factors, lams = list(state.factors), list(state.eigvals)
+  factors[dense], lams[dense] = factor, eigvals
+  return state._replace(factors=tuple(factors), eigvals=tuple(lams))
 
-    # 2. Right factor by moment matching, W = diag(λ_a)^{-1/2} Q_aᵀ G.
-    inv_sqrt = jax.lax.rsqrt(lam_a)[:, None]
-    w = ga * inv_sqrt
-    wu = za * inv_sqrt
-    w_sq = jnp.sum(jnp.square(w))
-    wu_col = jnp.sum(jnp.square(wu), axis=0)
-    floor_n = clamp_floor(n, max_clamp)
-    lam = jnp.maximum(beta * sf.eigvals + (1.0 - beta) * wu_col / m, floor_n)
-    sigma = beta * sf.flat + (1.0 - beta) * (w_sq - jnp.sum(wu_col)) / (m * (n - rank))
-    sigma = jnp.maximum(sigma, floor_n)
-    lam = jnp.where(jnp.isfinite(lam), lam, sf.eigvals)
-    sigma = jnp.where(jnp.isfinite(sigma), sigma, sf.flat)
 
-    # 3. Subspace accumulator: a power step Wᵀ(WU)/m on the current U.
-    power = _mm(w.T, wu) / m
-    if accumulate:
-      sketch = beta * st.slots[SKETCH_SLOT] + (1.0 - beta) * power
-      sketch = jnp.where(jnp.all(jnp.isfinite(sketch)), sketch, st.slots[SKETCH_SLOT])
-    else:
-      sketch = beta * sf.basis * sf.eigvals + (1.0 - beta) * power
+def _top_right_singular_basis(g: jax.Array, gram: jax.Array, rank: int) -> jax.Array:
+  """The top-``rank`` right singular vectors of ``g`` (``m × n``), from its ``m × m`` Gram.
 
-    factors, eigvals = list(st.factors), list(st.eigvals)
-    factors[dense], eigvals[dense] = new_s_a, new_lam_a
-    st = st._replace(factors=tuple(factors), eigvals=tuple(eigvals))
-    st = _with_spike_flat(st, SpikeFlat(sf.basis, lam, sigma))
-    if accumulate:
-      st = _with_slot(st, SKETCH_SLOT, sketch)
-    due = (step.count % precondition_frequency) == 0
-    st = jax.lax.cond(due, refresh, lambda a: a[0], (st, sketch))
-    return step._replace(state=st)
+  Completed by QR with unit vectors when ``rank`` exceeds ``m``.
+  """
+  m, n = g.shape
+  _, v = kron.eigh_descending(gram)
+  k = min(rank, m)
+  top = _mm(g.T, v[:, :k])
+  if k < rank:
+    top = jnp.concatenate([top, jnp.eye(n, rank - k, dtype=top.dtype)], axis=1)
+  return kron.qr_orthonormal(top)
 
-  return Part(update=update, first_update=first_update, init_slots=init_slots,
-              init_state=init_state, name="spike_flat_projection")
+
+def _projection_first_update(options: _ProjectionOptions, step: TensorStep) -> TensorStep:
+  mode, dense = options.modes(step.grad.shape)
+  g = _orient(step.grad, mode)
+  m, n = g.shape
+  gram = _mm(g, g.T)
+  init = _f32(options.init_factor)
+  sf = SpikeFlat(_top_right_singular_basis(g, gram, options.rank),
+                 jnp.full((options.rank,), init), init)
+  st = _with_dense_mode(step.state, dense, (1.0 - _f32(options.b2)) / n * gram,
+                        jnp.full((m,), init))
+  st = _with_spike_flat(st, sf)
+  if options.accumulate:
+    st = st.with_slots(**{SPIKE_SKETCH: sf.basis * sf.eigvals})
+  return step._replace(state=st)
+
+
+def _left_factor_step(g, sf: SpikeFlat, s_a, qa, lam_a, beta, max_clamp):
+  """Step 1: the dense factor and its eigenvalues, with ``R̂⁻¹`` in closed form.
+
+  Returns the new ``S_a``, ``λ_a`` and ``Q_aᵀ G``, ``Q_aᵀ G U`` for step 2.
+  """
+  m, n = g.shape
+  z = _mm(g, sf.basis)
+  gram = _mm(g, g.T)
+  zz = _mm(z, z.T)
+  inc = (_mm(z / sf.eigvals, z.T) + (gram - zz) / sf.flat) / n
+  ga = _mm(qa.T, g)
+  za = _mm(ga, sf.basis)
+  za2 = jnp.square(za)
+  delta_a = (jnp.sum(za2 / sf.eigvals, axis=1)
+             + (jnp.sum(jnp.square(ga), axis=1) - jnp.sum(za2, axis=1)) / sf.flat) / n
+  new_lam_a = jnp.maximum(beta * lam_a + (1.0 - beta) * delta_a, clamp_floor(m, max_clamp))
+  new_lam_a = jnp.where(jnp.isfinite(new_lam_a), new_lam_a, lam_a)
+  new_s_a = beta * s_a + (1.0 - beta) * inc
+  new_s_a = jnp.where(jnp.all(jnp.isfinite(new_s_a)), new_s_a, s_a)
+  return new_s_a, new_lam_a, ga, za
+
+
+def _right_factor_step(ga, za, lam_a, sf: SpikeFlat, beta, rank, max_clamp):
+  """Step 2: the spike-and-flat factor by moment matching, ``W = diag(λ_a)^{-1/2} Q_aᵀ G``.
+
+  Returns the new ``λ``, ``σ`` and ``W``, ``W U`` for step 3.
+  """
+  m, n = ga.shape
+  inv_sqrt = jax.lax.rsqrt(lam_a)[:, None]
+  w = ga * inv_sqrt
+  wu = za * inv_sqrt
+  w_sq = jnp.sum(jnp.square(w))
+  wu_col = jnp.sum(jnp.square(wu), axis=0)
+  floor_n = clamp_floor(n, max_clamp)
+  lam = jnp.maximum(beta * sf.eigvals + (1.0 - beta) * wu_col / m, floor_n)
+  sigma = beta * sf.flat + (1.0 - beta) * (w_sq - jnp.sum(wu_col)) / (m * (n - rank))
+  sigma = jnp.maximum(sigma, floor_n)
+  lam = jnp.where(jnp.isfinite(lam), lam, sf.eigvals)
+  sigma = jnp.where(jnp.isfinite(sigma), sigma, sf.flat)
+  return lam, sigma, w, wu
+
+
+def _subspace_step(w, wu, sf: SpikeFlat, sketch, beta):
+  """Step 3: the subspace accumulator, a power step ``Wᵀ(WU)/m`` on the current ``U``.
+
+  ``sketch`` is the stored ``Y`` (``None`` without accumulation: the step's own
+  ``b2 U diag(λ) + (1 − b2) Wᵀ(WU)/m`` is returned).
+  """
+  power = _mm(w.T, wu) / w.shape[0]
+  if sketch is None:
+    return beta * sf.basis * sf.eigvals + (1.0 - beta) * power
+  new = beta * sketch + (1.0 - beta) * power
+  return jnp.where(jnp.all(jnp.isfinite(new)), new, sketch)
+
+
+def _refresh_subspace(options: _ProjectionOptions, st: KronState, sketch) -> KronState:
+  """Step 4 (every ``precondition_frequency`` steps): ``U_new = qr(Y).Q``, ``λ``, ``σ`` re-expressed."""
+  sf = _spike_flat(st)
+  new = spike_flat_reexpress(sf, kron.qr_orthonormal(sketch))
+  floor = clamp_floor(sf.basis.shape[0], options.max_clamp)
+  new = new._replace(eigvals=jnp.maximum(new.eigvals, floor), flat=jnp.maximum(new.flat, floor))
+  ok = (jnp.all(jnp.isfinite(new.basis)) & jnp.all(jnp.isfinite(new.eigvals))
+        & jnp.isfinite(new.flat))
+  new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, sf)
+  st = _with_spike_flat(st, new)
+  if options.accumulate:
+    st = st.with_slots(**{SPIKE_SKETCH: new.basis * new.eigvals})
+  mode, _ = options.modes(tuple(f.shape[-1] for f in st.factors))
+  bump = jnp.zeros((2,), jnp.int32).at[mode].set(ok.astype(jnp.int32))
+  return st.with_slots(**{REFRESHES: st.slots[REFRESHES] + bump})
+
+
+def _projection_update(options: _ProjectionOptions, step: TensorStep) -> TensorStep:
+  """Steps 1–4 with the current ``Q_a``, ``λ_a``, ``U``, ``λ``, ``σ`` (Jacobi order)."""
+  st = step.state
+  mode, dense = options.modes(step.grad.shape)
+  g = _orient(step.grad, mode)
+  beta = _f32(options.b2)
+  sf = _spike_flat(st)
+  lam_a = st.eigvals[dense]
+  s_a, new_lam_a, ga, za = _left_factor_step(
+      g, sf, st.factors[dense], st.bases[dense], lam_a, beta, options.max_clamp)
+  lam, sigma, w, wu = _right_factor_step(ga, za, lam_a, sf, beta, options.rank,
+                                         options.max_clamp)
+  sketch = _subspace_step(w, wu, sf, st.slots[SPIKE_SKETCH] if options.accumulate else None,
+                          beta)
+  st = _with_spike_flat(_with_dense_mode(st, dense, s_a, new_lam_a),
+                        SpikeFlat(sf.basis, lam, sigma))
+  if options.accumulate:
+    st = st.with_slots(**{SPIKE_SKETCH: sketch})
+  due = (step.count % options.precondition_frequency) == 0
+  st = jax.lax.cond(due, lambda a: _refresh_subspace(options, *a), lambda a: a[0], (st, sketch))
+  return step._replace(state=st)
 
 
 # ----------------------------------------------------------------------------

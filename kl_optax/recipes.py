@@ -4,49 +4,34 @@ r"""Ready-made optimizers: short compositions of the parts.
 weight decay) and accepts only tensors that can carry a Kronecker
 preconditioner; ``<algo>`` is the complete optimizer: the preconditioner chained
 with decoupled weight decay and the learning rate, and routed with
-``optax.partition`` so that every other leaf goes to AdamW.
+``optax.partition`` so that every other leaf goes to AdamW
+(:func:`with_adam_fallback`).
+
+Numeric hyperparameters are flat keywords (schedulable with
+``optax.inject_hyperparams``); the static choices are two objects,
+``layout=kl_optax.Layout(...)`` (routing, blocking, storage dtype) and
+``fallback=kl_optax.Fallback(...)`` (AdamW's settings). Every recipe is
+listed, with what its tests and benchmarks need, in :data:`RECIPES`.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import optax
 
 from kl_optax import parts as P
-from kl_optax import routing
 from kl_optax import pro
-from kl_optax.compose import check_blocking, kron_transform, squeezed_shape
+from kl_optax import routing
+from kl_optax.options import Fallback, Layout, resolve
 from kl_optax.safety import check_gradients, zero_nonfinite
-from kl_optax.validation import check_range
+from kl_optax.state import MU_EIG, NU_EIG
+from kl_optax.transform import kron_transform
+from kl_optax.validation import check_range, static_int
 
-__all__ = [
-    "eshampoo",
-    "kl_shampoo",
-    "kl_soap",
-    "pro_kl_shampoo",
-    "pro_labels",
-    "scale_by_eshampoo",
-    "scale_by_kl_shampoo",
-    "scale_by_kl_soap",
-    "scale_by_pro_kl_shampoo",
-    "scale_by_shampoo",
-    "scale_by_soap",
-    "shampoo",
-    "soap",
-    "with_adam_fallback",
-]
-
-
-def _blocking(block_size, max_precond_dim) -> dict[str, int | None]:
-  """The static blocking options as ``kron_transform`` keywords (validated)."""
-  max_dim = routing.resolve_static_int(
-      max_precond_dim, "max_precond_dim", routing.DEFAULT_MAX_PRECOND_DIM)
-  block_size, max_dim = check_blocking(block_size, max_dim)
-  return dict(block_size=block_size, max_precond_dim=max_dim)
 
 
 def _check_common(b1, b2, eps, precondition_frequency):
@@ -66,9 +51,8 @@ def scale_by_kl_shampoo(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    state_dtype: Any = None,
-    block_size: int | None = None,
-    max_precond_dim: int | None = None,
+    layout: Layout | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by KL-Shampoo's Kronecker preconditioner.
 
@@ -110,13 +94,8 @@ def scale_by_kl_shampoo(
       :func:`kl_optax.qr_basis_refresh`); ``None`` refreshes every time.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
-    state_dtype: storage dtype of momentum, factors and bases (``None``:
-      float32). Computation is always float32; eigenvalue estimates are
-      always stored in float32.
-    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
-      length, each preconditioned on its own (``None``: no blocking). Static.
-    max_precond_dim: the largest dim kept whole when ``block_size`` is set
-      (``None``: 10,000). Static.
+    layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
+      must be unset: a preconditioner routes nothing).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -136,6 +115,7 @@ def scale_by_kl_shampoo(
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
+  layout, _ = resolve("scale_by_kl_shampoo", layout, None, legacy, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
   check_range("init_factor", init_factor, 0.0, None, low_open=True)
   check_range("max_clamp", max_clamp, 1.0, None)
@@ -146,123 +126,76 @@ def scale_by_kl_shampoo(
       P.ema_eigenvalues(b2, init_factor=init_factor, max_clamp=max_clamp),
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
                          max_iters=refresh_max_iters),
-      state_dtype=state_dtype,
-      **_blocking(block_size, max_precond_dim),
+      **layout.transform_options(),
   )
 
 
 def with_adam_fallback(
     preconditioner: optax.GradientTransformation,
     learning_rate: optax.ScalarOrSchedule,
-    weight_decay: Any,
-    weight_decay_mask: Any,
+    weight_decay: Any = 0.0,
     *,
-    max_precond_dim: int | None,
-    precondition_mask: Any,
-    block_size: int | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule | None,
-    adam_b1: Any,
-    adam_b2: Any,
-    adam_eps: Any,
-    adam_weight_decay: Any,
+    layout: Layout | None = None,
+    fallback: Fallback | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Completes a preconditioner into an optimizer and routes other leaves to AdamW.
 
   Preconditioned leaves get ``−lr · (U + weight_decay · W)`` (decoupled weight
   decay at every step, the first included); the others get
-  ``optax.adamw(adam_learning_rate or learning_rate, adam_b1, adam_b2, adam_eps,
-  weight_decay=adam_weight_decay or weight_decay)``. A preconditioned tensor
-  whose gradient, statistics or update would not be finite skips the step (see
-  :func:`kl_optax.kron_transform`); the AdamW branch zeroes non-finite
-  gradient entries (:func:`kl_optax.zero_nonfinite`); gradients that do not
-  match the state raise an error naming the leaf
-  (:func:`kl_optax.check_gradients`). The split follows
-  :func:`kl_optax.kron_labels` (with ``block_size``, leaves with large dims stay
-  in the Kronecker branch and are blocked there).
+  ``optax.adamw`` with the settings of ``fallback`` (its learning rate and
+  weight decay default to ``learning_rate`` and ``weight_decay``). The split
+  follows ``layout.labels`` (:func:`kl_optax.kron_labels`); with
+  ``layout.block_size``, leaves with large dims stay in the Kronecker branch
+  and are blocked there, so the preconditioner must be built with the same
+  layout.
+
+  A preconditioned tensor whose gradient, statistics or update would not be
+  finite skips the step (see :func:`kl_optax.kron_transform`); the AdamW
+  branch zeroes non-finite gradient entries (:func:`kl_optax.zero_nonfinite`);
+  gradients that do not match the state raise an error naming the leaf
+  (:func:`kl_optax.check_gradients`).
+
+  Args:
+    preconditioner: the Kronecker branch's preconditioner (a ``scale_by_*``).
+    learning_rate: a float or an optax schedule.
+    weight_decay: decoupled weight decay of both branches.
+    layout: the routing (:class:`kl_optax.Layout`).
+    fallback: AdamW's settings (:class:`kl_optax.Fallback`).
+    **legacy: the keywords ``layout`` and ``fallback`` replaced
+      (``precondition_mask=``, ``adam_b1=``, …), accepted with a
+      ``DeprecationWarning``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> tx = kl_optax.with_adam_fallback(kl_optax.scale_by_kl_shampoo(), 1e-3, 0.01)
+    >>> state = tx.init({'w': jnp.zeros((8, 4)), 'b': jnp.zeros(4)})
   """
-  blocking = _blocking(block_size, max_precond_dim)
+  layout, fallback = resolve("with_adam_fallback", layout, fallback, legacy)
   check_range("weight_decay", weight_decay, 0.0, None)
-
-  def labels(params):
-    return routing.kron_labels(params, blocking["max_precond_dim"], precondition_mask,
-                               block_size=blocking["block_size"])
-
   kron_branch = optax.chain(
       preconditioner,
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.add_decayed_weights(weight_decay, layout.weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
   adam_branch = optax.adamw(
-      learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
-      b1=adam_b1,
-      b2=adam_b2,
-      eps=adam_eps,
-      weight_decay=weight_decay if adam_weight_decay is None else adam_weight_decay,
-      mask=weight_decay_mask,
+      learning_rate=learning_rate if fallback.learning_rate is None else fallback.learning_rate,
+      b1=fallback.b1,
+      b2=fallback.b2,
+      eps=fallback.eps,
+      weight_decay=weight_decay if fallback.weight_decay is None else fallback.weight_decay,
+      mask=layout.weight_decay_mask,
   )
   # The Kronecker branch guards its own state per tensor (kron_transform); the
   # AdamW branch zeroes non-finite gradient entries (elementwise, fused).
   return check_gradients(optax.partition(
       {routing.KRON: kron_branch, routing.FALLBACK: optax.chain(zero_nonfinite(), adam_branch)},
-      labels))
+      layout.labels))
 
 
-_FALLBACK_ARGS_DOC = """weight_decay_mask: pytree of bools (or a function of the params returning
-      one): where weight decay applies, in both branches. ``None``: everywhere.
-    precondition_mask: pytree of bools, or a function of the params returning
-      one (see :func:`kl_optax.exclude`): ``False`` sends a leaf to AdamW.
-    max_precond_dim: largest dim preconditioned whole (``None``: 10,000).
-      Decides shapes, so it must be static.
-    block_size: cut dims larger than ``max_precond_dim`` into blocks of at most
-      this length, each block with its own preconditioner (``None``: such
-      tensors go to AdamW instead). Static; at most ``max_precond_dim``.
-    refresh_tolerance: adaptive basis refresh (``docs/math.md``, "Adaptive basis refresh"): a factor
-      keeps its basis while ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F``.
-    refresh_max_iters: largest number of QR iterations per refresh (``None``:
-      1). Static.
-    state_dtype: storage dtype of moments, factors and bases (``None``:
-      float32; ``"bfloat16"`` halves their memory).
-    adam_learning_rate: AdamW's learning rate (``None``: ``learning_rate``).
-    adam_b1: AdamW's first-moment decay.
-    adam_b2: AdamW's second-moment decay.
-    adam_eps: AdamW's epsilon.
-    adam_weight_decay: AdamW's weight decay (``None``: ``weight_decay``)."""
-
-_ROUTING_DOC = """Routing, leaf by leaf: size-1 dims are squeezed; a leaf whose remaining dims
-  number at least two and that ``precondition_mask`` does not exclude gets the
-  Kronecker preconditioner when its dims are all ≤ ``max_precond_dim``; with
-  ``block_size`` set, larger dims are cut into blocks of at most
-  ``block_size`` (each block preconditioned on its own), without it such
-  tensors go to AdamW. Very thin tensors, whose factors would hold more than
-  64 times their own entries (4096 × 2, say), go to AdamW. Scalars, vectors
-  (biases, norm scales) and excluded leaves (embeddings and output heads are usually better there) go to AdamW
-  with its own hyperparameters. Non-floating leaves raise an error naming the
-  leaf."""
-
-
-def _documented(fn):
-  """Fills in the shared argument and routing text, keeping only arguments ``fn`` takes."""
-  params = inspect.signature(fn).parameters
-  entries = re.split(r"\n    (?=\w+: )", _FALLBACK_ARGS_DOC)
-  fallback = "\n    ".join(e for e in entries if e.split(":")[0] in params)
-  fn.__doc__ = fn.__doc__.replace("{fallback_args}", fallback).replace("{routing}", _ROUTING_DOC)
-  return fn
-
-
-def _complete(preconditioner, learning_rate, weight_decay, weight_decay_mask, fallback):
-  return with_adam_fallback(preconditioner, learning_rate, weight_decay, weight_decay_mask,
-                            **fallback)
-
-
-def _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-              adam_eps, adam_weight_decay, block_size=None):
-  return dict(max_precond_dim=max_precond_dim, block_size=block_size,
-              precondition_mask=precondition_mask,
-              adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-              adam_eps=adam_eps, adam_weight_decay=adam_weight_decay)
-
-
-@_documented
 def kl_shampoo(
     learning_rate: optax.ScalarOrSchedule,
     b1: Any = 0.9,
@@ -273,18 +206,11 @@ def kl_shampoo(
     init_factor: Any = 0.1,
     max_clamp: Any = 4000,
     *,
-    weight_decay_mask: Any = None,
-    precondition_mask: Any = None,
-    max_precond_dim: int | None = None,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    state_dtype: Any = None,
-    block_size: int | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: Any = 0.9,
-    adam_b2: Any = 0.999,
-    adam_eps: Any = 1e-8,
-    adam_weight_decay: Any = None,
+    layout: Layout | None = None,
+    fallback: Fallback | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""KL-Shampoo: Shampoo's Kronecker factors fitted by KL minimization.
 
@@ -292,7 +218,11 @@ def kl_shampoo(
   ``U`` from :func:`scale_by_kl_shampoo` (see there for the math); every other
   leaf gets AdamW.
 
-  {routing}
+  The static choices are ``layout`` (:class:`kl_optax.Layout`: which leaves
+  are preconditioned, blocking, storage dtype) and ``fallback``
+  (:class:`kl_optax.Fallback`: the AdamW of every other leaf). By default
+  every leaf with at least two dims larger than one is preconditioned, and
+  scalars and vectors (biases, norm scales) go to AdamW.
 
   Args:
     learning_rate: a float or an ``optax`` schedule.
@@ -304,7 +234,12 @@ def kl_shampoo(
     precondition_frequency: refresh the eigenbases every this many steps.
     init_factor: initial eigenvalue estimate (see :func:`scale_by_kl_shampoo`).
     max_clamp: bound in the eigenvalue floor ``1/c_k²``.
-    {fallback_args}
+    refresh_tolerance: adaptive refresh: a factor keeps its basis while
+      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
+    refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
+    layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
+    fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    **legacy: older keywords, see :mod:`kl_optax.options`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -326,14 +261,12 @@ def kl_shampoo(
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
-  return _complete(
+  layout, fallback = resolve("kl_shampoo", layout, fallback, legacy)
+  return with_adam_fallback(
       scale_by_kl_shampoo(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                           refresh_tolerance=refresh_tolerance,
-                          refresh_max_iters=refresh_max_iters, state_dtype=state_dtype,
-          block_size=block_size, max_precond_dim=max_precond_dim),
-      learning_rate, weight_decay, weight_decay_mask,
-      _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay, block_size))
+                          refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
+      learning_rate, weight_decay, layout=layout, fallback=fallback)
 
 
 def scale_by_kl_soap(
@@ -346,9 +279,8 @@ def scale_by_kl_soap(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    state_dtype: Any = None,
-    block_size: int | None = None,
-    max_precond_dim: int | None = None,
+    layout: Layout | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by KL-SOAP: Adam in the eigenbasis of KL-fitted factors.
 
@@ -378,11 +310,8 @@ def scale_by_kl_soap(
     refresh_tolerance: adaptive basis refresh; ``None`` refreshes every time.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
-    state_dtype: storage dtype of moments, factors and bases.
-    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
-      length, each preconditioned on its own (``None``: no blocking). Static.
-    max_precond_dim: the largest dim kept whole when ``block_size`` is set
-      (``None``: 10,000). Static.
+    layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
+      must be unset: a preconditioner routes nothing).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -401,6 +330,7 @@ def scale_by_kl_soap(
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
+  layout, _ = resolve("scale_by_kl_soap", layout, None, legacy, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
   check_range("init_factor", init_factor, 0.0, None, low_open=True)
   check_range("max_clamp", max_clamp, 1.0, None)
@@ -409,13 +339,11 @@ def scale_by_kl_soap(
       P.kl_factor_update(b2),
       P.ema_eigenvalues(b2, init_factor=init_factor, max_clamp=max_clamp),
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
-                         max_iters=refresh_max_iters, rotate_slots=("mu_eig",)),
-      state_dtype=state_dtype,
-      **_blocking(block_size, max_precond_dim),
+                         max_iters=refresh_max_iters, rotate_slots=(MU_EIG,)),
+      **layout.transform_options(),
   )
 
 
-@_documented
 def kl_soap(
     learning_rate: optax.ScalarOrSchedule,
     b1: Any = 0.9,
@@ -426,25 +354,22 @@ def kl_soap(
     init_factor: Any = 0.1,
     max_clamp: Any = 4000,
     *,
-    weight_decay_mask: Any = None,
-    precondition_mask: Any = None,
-    max_precond_dim: int | None = None,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    state_dtype: Any = None,
-    block_size: int | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: Any = 0.9,
-    adam_b2: Any = 0.999,
-    adam_eps: Any = 1e-8,
-    adam_weight_decay: Any = None,
+    layout: Layout | None = None,
+    fallback: Fallback | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""KL-SOAP: Adam in the eigenbasis of Kronecker factors fitted by KL minimization.
 
   Preconditioned leaves get ``−learning_rate · (U + weight_decay · W)`` with
   ``U`` from :func:`scale_by_kl_soap`; every other leaf gets AdamW.
 
-  {routing}
+  The static choices are ``layout`` (:class:`kl_optax.Layout`: which leaves
+  are preconditioned, blocking, storage dtype) and ``fallback``
+  (:class:`kl_optax.Fallback`: the AdamW of every other leaf). By default
+  every leaf with at least two dims larger than one is preconditioned, and
+  scalars and vectors (biases, norm scales) go to AdamW.
 
   Args:
     learning_rate: a float or an ``optax`` schedule.
@@ -455,7 +380,12 @@ def kl_soap(
     precondition_frequency: refresh the eigenbases every this many steps.
     init_factor: initial eigenvalue estimate of the factor updates.
     max_clamp: bound in the eigenvalue floor ``1/c_k²``.
-    {fallback_args}
+    refresh_tolerance: adaptive refresh: a factor keeps its basis while
+      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
+    refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
+    layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
+    fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    **legacy: older keywords, see :mod:`kl_optax.options`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -472,14 +402,12 @@ def kl_soap(
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
-  return _complete(
+  layout, fallback = resolve("kl_soap", layout, fallback, legacy)
+  return with_adam_fallback(
       scale_by_kl_soap(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                        refresh_tolerance=refresh_tolerance,
-                       refresh_max_iters=refresh_max_iters, state_dtype=state_dtype,
-          block_size=block_size, max_precond_dim=max_precond_dim),
-      learning_rate, weight_decay, weight_decay_mask,
-      _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay, block_size))
+                       refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
+      learning_rate, weight_decay, layout=layout, fallback=fallback)
 
 
 def scale_by_soap(
@@ -490,9 +418,8 @@ def scale_by_soap(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    state_dtype: Any = None,
-    block_size: int | None = None,
-    max_precond_dim: int | None = None,
+    layout: Layout | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by SOAP: Adam in the eigenbasis of Shampoo's factors.
 
@@ -519,11 +446,8 @@ def scale_by_soap(
     refresh_tolerance: adaptive basis refresh; ``None`` refreshes every time.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
-    state_dtype: storage dtype of moments, factors and bases.
-    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
-      length, each preconditioned on its own (``None``: no blocking). Static.
-    max_precond_dim: the largest dim kept whole when ``block_size`` is set
-      (``None``: 10,000). Static.
+    layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
+      must be unset: a preconditioner routes nothing).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -539,19 +463,18 @@ def scale_by_soap(
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
+  layout, _ = resolve("scale_by_soap", layout, None, legacy, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
   return kron_transform(
       P.adam_in_eigenbasis(b1, b2, eps, bias_correction=True),
       P.shampoo_factor_update(b2),
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
                          max_iters=refresh_max_iters, sort=True,
-                         rotate_slots=("mu_eig",), permute_slots=("nu_eig",)),
-      state_dtype=state_dtype,
-      **_blocking(block_size, max_precond_dim),
+                         rotate_slots=(MU_EIG,), permute_slots=(NU_EIG,)),
+      **layout.transform_options(),
   )
 
 
-@_documented
 def soap(
     learning_rate: optax.ScalarOrSchedule = 3e-3,
     b1: Any = 0.95,
@@ -560,18 +483,11 @@ def soap(
     weight_decay: Any = 0.01,
     precondition_frequency: Any = 10,
     *,
-    weight_decay_mask: Any = None,
-    precondition_mask: Any = None,
-    max_precond_dim: int | None = None,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    state_dtype: Any = None,
-    block_size: int | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: Any = 0.9,
-    adam_b2: Any = 0.999,
-    adam_eps: Any = 1e-8,
-    adam_weight_decay: Any = None,
+    layout: Layout | None = None,
+    fallback: Fallback | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors (a baseline).
 
@@ -579,7 +495,11 @@ def soap(
   ``U`` from :func:`scale_by_soap` (see there, including where this differs
   from the authors' code); every other leaf gets AdamW.
 
-  {routing}
+  The static choices are ``layout`` (:class:`kl_optax.Layout`: which leaves
+  are preconditioned, blocking, storage dtype) and ``fallback``
+  (:class:`kl_optax.Fallback`: the AdamW of every other leaf). By default
+  every leaf with at least two dims larger than one is preconditioned, and
+  scalars and vectors (biases, norm scales) go to AdamW.
 
   Args:
     learning_rate: a float or an ``optax`` schedule.
@@ -588,7 +508,12 @@ def soap(
     eps: added to ``sqrt(ṽ)``.
     weight_decay: decoupled weight decay (every step, the first included).
     precondition_frequency: refresh the eigenbases every this many steps.
-    {fallback_args}
+    refresh_tolerance: adaptive refresh: a factor keeps its basis while
+      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
+    refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
+    layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
+    fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    **legacy: older keywords, see :mod:`kl_optax.options`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -602,13 +527,11 @@ def soap(
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
-  return _complete(
+  layout, fallback = resolve("soap", layout, fallback, legacy)
+  return with_adam_fallback(
       scale_by_soap(b1, b2, eps, precondition_frequency, refresh_tolerance=refresh_tolerance,
-                    refresh_max_iters=refresh_max_iters, state_dtype=state_dtype,
-          block_size=block_size, max_precond_dim=max_precond_dim),
-      learning_rate, weight_decay, weight_decay_mask,
-      _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay, block_size))
+                    refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
+      learning_rate, weight_decay, layout=layout, fallback=fallback)
 
 
 def scale_by_shampoo(
@@ -619,9 +542,8 @@ def scale_by_shampoo(
     *,
     graft_eps: Any = 1e-8,
     refresh_tolerance: Any = None,
-    state_dtype: Any = None,
-    block_size: int | None = None,
-    max_precond_dim: int | None = None,
+    layout: Layout | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Shampoo with Adam grafting (a baseline).
 
@@ -646,11 +568,8 @@ def scale_by_shampoo(
     graft_eps: Adam's epsilon in the grafting direction.
     refresh_tolerance: skip a factor's eigendecomposition while its basis still
       satisfies the criterion of :func:`kl_optax.eigh_basis_refresh`.
-    state_dtype: storage dtype of moments, factors and bases.
-    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
-      length, each preconditioned on its own (``None``: no blocking). Static.
-    max_precond_dim: the largest dim kept whole when ``block_size`` is set
-      (``None``: 10,000). Static.
+    layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
+      must be unset: a preconditioner routes nothing).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -664,6 +583,7 @@ def scale_by_shampoo(
     Gupta, Koren, Singer, `Shampoo: Preconditioned Stochastic Tensor
     Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
   """
+  layout, _ = resolve("scale_by_shampoo", layout, None, legacy, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
   check_range("graft_eps", graft_eps, 0.0, None)
   return kron_transform(
@@ -672,12 +592,10 @@ def scale_by_shampoo(
       P.momentum(b1, bias_correction=True),
       P.shampoo_factor_update(b2),
       P.eigh_basis_refresh(precondition_frequency, tolerance=refresh_tolerance),
-      state_dtype=state_dtype,
-      **_blocking(block_size, max_precond_dim),
+      **layout.transform_options(),
   )
 
 
-@_documented
 def shampoo(
     learning_rate: optax.ScalarOrSchedule,
     b1: Any = 0.9,
@@ -687,24 +605,21 @@ def shampoo(
     precondition_frequency: Any = 10,
     *,
     graft_eps: Any = 1e-8,
-    weight_decay_mask: Any = None,
-    precondition_mask: Any = None,
-    max_precond_dim: int | None = None,
     refresh_tolerance: Any = None,
-    state_dtype: Any = None,
-    block_size: int | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: Any = 0.9,
-    adam_b2: Any = 0.999,
-    adam_eps: Any = 1e-8,
-    adam_weight_decay: Any = None,
+    layout: Layout | None = None,
+    fallback: Fallback | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Shampoo with Adam grafting (a baseline).
 
   Preconditioned leaves get ``−learning_rate · (U + weight_decay · W)`` with
   ``U`` from :func:`scale_by_shampoo`; every other leaf gets AdamW.
 
-  {routing}
+  The static choices are ``layout`` (:class:`kl_optax.Layout`: which leaves
+  are preconditioned, blocking, storage dtype) and ``fallback``
+  (:class:`kl_optax.Fallback`: the AdamW of every other leaf). By default
+  every leaf with at least two dims larger than one is preconditioned, and
+  scalars and vectors (biases, norm scales) go to AdamW.
 
   Args:
     learning_rate: a float or an ``optax`` schedule.
@@ -714,7 +629,11 @@ def shampoo(
     weight_decay: decoupled weight decay (every step, the first included).
     precondition_frequency: recompute the eigendecompositions every this many steps.
     graft_eps: Adam's epsilon in the grafting direction.
-    {fallback_args}
+    refresh_tolerance: skip a factor's eigendecomposition while its basis
+      still satisfies the criterion of :func:`kl_optax.eigh_basis_refresh`.
+    layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
+    fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    **legacy: older keywords, see :mod:`kl_optax.options`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -728,13 +647,11 @@ def shampoo(
     Gupta, Koren, Singer, `Shampoo: Preconditioned Stochastic Tensor
     Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
   """
-  return _complete(
+  layout, fallback = resolve("shampoo", layout, fallback, legacy)
+  return with_adam_fallback(
       scale_by_shampoo(b1, b2, eps, precondition_frequency, graft_eps=graft_eps,
-                       refresh_tolerance=refresh_tolerance, state_dtype=state_dtype,
-          block_size=block_size, max_precond_dim=max_precond_dim),
-      learning_rate, weight_decay, weight_decay_mask,
-      _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay, block_size))
+                       refresh_tolerance=refresh_tolerance, layout=layout.without_masks()),
+      learning_rate, weight_decay, layout=layout, fallback=fallback)
 
 
 def scale_by_eshampoo(
@@ -745,9 +662,8 @@ def scale_by_eshampoo(
     *,
     refresh_tolerance: Any = 0.01,
     refresh_max_iters: int | None = None,
-    state_dtype: Any = None,
-    block_size: int | None = None,
-    max_precond_dim: int | None = None,
+    layout: Layout | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by eigenvalue-corrected Shampoo (EShampoo, a baseline).
 
@@ -769,11 +685,8 @@ def scale_by_eshampoo(
     refresh_tolerance: relative off-diagonal tolerance; ``None`` or 0 always refreshes.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
-    state_dtype: storage dtype of moments, factors and bases.
-    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
-      length, each preconditioned on its own (``None``: no blocking). Static.
-    max_precond_dim: the largest dim kept whole when ``block_size`` is set
-      (``None``: 10,000). Static.
+    layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
+      must be unset: a preconditioner routes nothing).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -787,6 +700,7 @@ def scale_by_eshampoo(
     Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics
     by Decomposing its Preconditioner <https://arxiv.org/abs/2506.03595>`_, 2025.
   """
+  layout, _ = resolve("scale_by_eshampoo", layout, None, legacy, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
   return kron_transform(
       P.momentum(b1, bias_correction=True),
@@ -794,12 +708,10 @@ def scale_by_eshampoo(
       P.shampoo_factor_update(b2),
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
                          max_iters=refresh_max_iters),
-      state_dtype=state_dtype,
-      **_blocking(block_size, max_precond_dim),
+      **layout.transform_options(),
   )
 
 
-@_documented
 def eshampoo(
     learning_rate: optax.ScalarOrSchedule,
     b1: Any = 0.9,
@@ -808,25 +720,22 @@ def eshampoo(
     weight_decay: Any = 0.01,
     precondition_frequency: Any = 10,
     *,
-    weight_decay_mask: Any = None,
-    precondition_mask: Any = None,
-    max_precond_dim: int | None = None,
     refresh_tolerance: Any = 0.01,
     refresh_max_iters: int | None = None,
-    state_dtype: Any = None,
-    block_size: int | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: Any = 0.9,
-    adam_b2: Any = 0.999,
-    adam_eps: Any = 1e-8,
-    adam_weight_decay: Any = None,
+    layout: Layout | None = None,
+    fallback: Fallback | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenvalue-corrected Shampoo with adaptive basis refresh (a baseline).
 
   Preconditioned leaves get ``−learning_rate · (U + weight_decay · W)`` with
   ``U`` from :func:`scale_by_eshampoo`; every other leaf gets AdamW.
 
-  {routing}
+  The static choices are ``layout`` (:class:`kl_optax.Layout`: which leaves
+  are preconditioned, blocking, storage dtype) and ``fallback``
+  (:class:`kl_optax.Fallback`: the AdamW of every other leaf). By default
+  every leaf with at least two dims larger than one is preconditioned, and
+  scalars and vectors (biases, norm scales) go to AdamW.
 
   Args:
     learning_rate: a float or an ``optax`` schedule.
@@ -835,7 +744,12 @@ def eshampoo(
     eps: added to ``sqrt(D̂)``.
     weight_decay: decoupled weight decay (every step, the first included).
     precondition_frequency: check (and refresh) the bases every this many steps.
-    {fallback_args}
+    refresh_tolerance: adaptive refresh: a factor keeps its basis while
+      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
+    refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
+    layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
+    fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    **legacy: older keywords, see :mod:`kl_optax.options`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -849,44 +763,12 @@ def eshampoo(
     Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics
     by Decomposing its Preconditioner <https://arxiv.org/abs/2506.03595>`_, 2025.
   """
-  return _complete(
+  layout, fallback = resolve("eshampoo", layout, fallback, legacy)
+  return with_adam_fallback(
       scale_by_eshampoo(b1, b2, eps, precondition_frequency,
                         refresh_tolerance=refresh_tolerance,
-                        refresh_max_iters=refresh_max_iters, state_dtype=state_dtype,
-          block_size=block_size, max_precond_dim=max_precond_dim),
-      learning_rate, weight_decay, weight_decay_mask,
-      _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay, block_size))
-
-
-SPIKE_FLAT = "spike_flat"
-DENSE = "dense"
-
-
-def pro_labels(tree, rank: int, restricted_side: str = "larger", *,
-               block_size: int | None = None, max_precond_dim: int | None = None):
-  """Labels each leaf ``'spike_flat'`` (Pro-KLShampoo factor) or ``'dense'`` (full KL-Shampoo).
-
-  A leaf gets a spike-and-flat factor when its squeezed shape is a matrix
-  whose restricted dim is larger than ``rank``; tensors of order three or
-  more, matrices with ``rank ≥`` the restricted dim, and (with
-  ``block_size``) matrices with a dim larger than ``max_precond_dim``, which are
-  blocked, keep full KL-Shampoo factors.
-
-  Examples:
-    >>> import jax.numpy as jnp, kl_optax
-    >>> tree = {'a': jnp.zeros((8, 64)), 'b': jnp.zeros((8, 16)), 'c': jnp.zeros((4, 4, 4))}
-    >>> kl_optax.pro_labels(tree, rank=16)
-    {'a': 'spike_flat', 'b': 'dense', 'c': 'dense'}
-  """
-  def label(leaf):
-    sq = squeezed_shape(leaf.shape)
-    blocked = block_size is not None and max(sq, default=0) > (max_precond_dim or block_size)
-    if len(sq) == 2 and not blocked and sq[pro.restricted_mode(sq, restricted_side)] > rank:
-      return SPIKE_FLAT
-    return DENSE
-
-  return jax.tree.map(label, tree)
+                        refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
+      learning_rate, weight_decay, layout=layout, fallback=fallback)
 
 
 def scale_by_pro_kl_shampoo(
@@ -906,9 +788,8 @@ def scale_by_pro_kl_shampoo(
     accumulate: bool = True,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    state_dtype: Any = None,
-    block_size: int | None = None,
-    max_precond_dim: int | None = None,
+    layout: Layout | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Pro-KLShampoo's preconditioner (``docs/math.md``, "Pro-KLShampoo").
 
@@ -947,17 +828,14 @@ def scale_by_pro_kl_shampoo(
     refresh_tolerance: adaptive refresh of the dense bases (``docs/math.md``,
       "Adaptive basis refresh").
     refresh_max_iters: QR iterations per adaptive refresh (static).
-    state_dtype: storage dtype of moments, factors and bases.
-    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
-      length, each preconditioned on its own (``None``: no blocking). Static.
-    max_precond_dim: the largest dim kept whole when ``block_size`` is set
-      (``None``: 10,000). Static.
+    layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
+      must be unset: a preconditioner routes nothing).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  rank = routing.resolve_static_int(rank, "rank", 128)
-  check_range("rank", rank, 1.0, None)
+  layout, _ = resolve("scale_by_pro_kl_shampoo", layout, None, legacy, takes_fallback=False)
+  rank = static_int(rank, "rank", default=128)
   _check_common(b1, b2, eps, precondition_frequency)
   check_range("ns_steps", ns_steps, 1.0, None)
   pro.restricted_mode((2, 2), restricted_side)
@@ -971,18 +849,17 @@ def scale_by_pro_kl_shampoo(
                                 accumulate=accumulate),
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
                          max_iters=refresh_max_iters),
-      state_dtype=state_dtype,
+      state_dtype=layout.state_dtype,
   )
   dense = scale_by_kl_shampoo(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                               refresh_tolerance=refresh_tolerance,
-                              refresh_max_iters=refresh_max_iters, state_dtype=state_dtype,
-                              block_size=block_size, max_precond_dim=max_precond_dim)
+                              refresh_max_iters=refresh_max_iters, layout=layout)
   return optax.partition(
-      {SPIKE_FLAT: spike, DENSE: dense},
-      lambda tree: pro_labels(tree, rank, restricted_side, **_blocking(block_size, max_precond_dim)))
+      {routing.SPIKE_FLAT: spike, routing.DENSE: dense},
+      functools.partial(routing.pro_labels, rank=rank, restricted_side=restricted_side,
+                        block_size=layout.block_size, max_precond_dim=layout.max_precond_dim))
 
 
-@_documented
 def pro_kl_shampoo(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
@@ -1000,18 +877,11 @@ def pro_kl_shampoo(
     ns_coefficients: Any = "muon",
     ns_dtype: Any = None,
     accumulate: bool = True,
-    weight_decay_mask: Any = None,
-    precondition_mask: Any = None,
-    max_precond_dim: int | None = None,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    state_dtype: Any = None,
-    block_size: int | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: Any = 0.9,
-    adam_b2: Any = 0.999,
-    adam_eps: Any = 1e-8,
-    adam_weight_decay: Any = None,
+    layout: Layout | None = None,
+    fallback: Fallback | None = None,
+    **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Pro-KLShampoo: KL-Shampoo with a spike-and-flat factor and an orthogonalized complement.
 
@@ -1025,7 +895,11 @@ def pro_kl_shampoo(
   options: ``complement_scale``, ``restricted_side``, ``accumulate``,
   ``ns_coefficients``.
 
-  {routing}
+  The static choices are ``layout`` (:class:`kl_optax.Layout`: which leaves
+  are preconditioned, blocking, storage dtype) and ``fallback``
+  (:class:`kl_optax.Fallback`: the AdamW of every other leaf). By default
+  every leaf with at least two dims larger than one is preconditioned, and
+  scalars and vectors (biases, norm scales) go to AdamW.
 
   Args:
     learning_rate: a float or an ``optax`` schedule.
@@ -1043,7 +917,12 @@ def pro_kl_shampoo(
     ns_coefficients: Newton–Schulz coefficients (``"muon"``, ``"exact"``, …).
     ns_dtype: Newton–Schulz iteration dtype.
     accumulate: keep the subspace accumulator (``n × r`` per matrix).
-    {fallback_args}
+    refresh_tolerance: adaptive refresh: a factor keeps its basis while
+      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
+    refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
+    layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
+    fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    **legacy: older keywords, see :mod:`kl_optax.options`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1065,14 +944,68 @@ def pro_kl_shampoo(
     Sun & Wei, `Pro-KLShampoo: Projected KL-Shampoo with Whitening Recovered by
     Orthogonalization <https://arxiv.org/abs/2605.06316>`_, 2026.
   """
-  return _complete(
+  layout, fallback = resolve("pro_kl_shampoo", layout, fallback, legacy)
+  return with_adam_fallback(
       scale_by_pro_kl_shampoo(
           rank, b1, b2, eps, precondition_frequency, complement_scale, ns_steps,
           init_factor=init_factor, max_clamp=max_clamp, restricted_side=restricted_side,
           ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, accumulate=accumulate,
-          refresh_tolerance=refresh_tolerance, refresh_max_iters=refresh_max_iters,
-          state_dtype=state_dtype,
-          block_size=block_size, max_precond_dim=max_precond_dim),
-      learning_rate, weight_decay, weight_decay_mask,
-      _fallback(precondition_mask, max_precond_dim, adam_learning_rate, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay, block_size))
+          refresh_tolerance=refresh_tolerance, refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
+      learning_rate, weight_decay, layout=layout, fallback=fallback)
+
+
+# ----------------------------------------------------------------------------
+# The table of recipes
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeSpec:
+  """One row of :data:`RECIPES`: what the tests, the benchmarks and ``__all__`` need.
+
+  Attributes:
+    name: the public name of the complete optimizer.
+    constructor: the complete optimizer, ``constructor(learning_rate, **kw)``.
+    preconditioner: its ``scale_by_*`` (no learning rate, no routing).
+    test_kwargs: keywords for small test problems (shapes of a few entries
+      per dim), beside the learning rate.
+    static_args: arguments that must be static under
+      ``optax.inject_hyperparams`` (they decide shapes).
+    learning_rates: peak learning rate per benchmark workload, as found by
+      the suite's ``--preset cpu`` sweep (``docs/benchmarks.md``).
+    kl: whether it is one of the KL-derived methods (the others are baselines).
+  """
+
+  name: str
+  constructor: Callable[..., optax.GradientTransformationExtraArgs]
+  preconditioner: Callable[..., optax.GradientTransformationExtraArgs]
+  test_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  static_args: tuple[str, ...] = ()
+  learning_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  kl: bool = False
+
+  def make(self, learning_rate: optax.ScalarOrSchedule, **kwargs) -> optax.GradientTransformation:
+    """The optimizer with ``test_kwargs`` updated by ``kwargs``."""
+    return self.constructor(learning_rate, **{**self.test_kwargs, **kwargs})
+
+
+RECIPES: dict[str, RecipeSpec] = {spec.name: spec for spec in (
+    RecipeSpec("kl_shampoo", kl_shampoo, scale_by_kl_shampoo, kl=True,
+               learning_rates={"char_gpt": 1.6e-2, "digits_mlp": 1.6e-2, "kron_regression": 0.256}),
+    RecipeSpec("kl_soap", kl_soap, scale_by_kl_soap, kl=True,
+               learning_rates={"char_gpt": 8e-3, "digits_mlp": 1.6e-2, "kron_regression": 0.256}),
+    RecipeSpec("pro_kl_shampoo", pro_kl_shampoo, scale_by_pro_kl_shampoo, kl=True,
+               test_kwargs={"rank": 2}, static_args=("rank",),
+               learning_rates={"char_gpt": 8e-3, "digits_mlp": 4e-3, "kron_regression": 6.4e-2}),
+    RecipeSpec("soap", soap, scale_by_soap,
+               learning_rates={"char_gpt": 1.6e-2, "digits_mlp": 8e-3, "kron_regression": 6.4e-2}),
+    RecipeSpec("shampoo", shampoo, scale_by_shampoo,
+               learning_rates={"char_gpt": 8e-3, "digits_mlp": 4e-3, "kron_regression": 6.4e-2}),
+    RecipeSpec("eshampoo", eshampoo, scale_by_eshampoo,
+               learning_rates={"char_gpt": 3.2e-2, "digits_mlp": 4e-3, "kron_regression": 6.4e-2}),
+)}
+"""Every recipe of the package, in the order of the documentation."""
+
+__all__ = ["RECIPES", "RecipeSpec", "with_adam_fallback",
+           *sorted([s.name for s in RECIPES.values()]
+                   + [s.preconditioner.__name__ for s in RECIPES.values()])]

@@ -28,52 +28,31 @@ from typing import Any
 
 import jax
 
-from kl_optax.compose import check_floating, leaf_path, squeezed_shape
+from kl_optax import pro
+from kl_optax import trees
 
 __all__ = [
     "DEFAULT_MAX_PRECOND_DIM",
-    "MAX_FACTOR_RATIO",
-    "KRON",
+    "DENSE",
     "FALLBACK",
+    "KRON",
+    "MAX_FACTOR_RATIO",
+    "SPIKE_FLAT",
     "exclude",
     "kron_labels",
-    "resolve_static_int",
+    "pro_labels",
 ]
 
 KRON = "kron"
 FALLBACK = "adam"
+SPIKE_FLAT = "spike_flat"
+DENSE = "dense"
 DEFAULT_MAX_PRECOND_DIM = 10_000
 # A tensor whose Kronecker factors would hold more entries than this many times
 # its own goes to the fallback (a 4096 × 2 matrix would need a 4096² factor).
 MAX_FACTOR_RATIO = 64.0
 
 MaskOrFn = Any  # a pytree of bools (or a prefix of the params tree), or params -> such a tree
-
-
-def resolve_static_int(value: Any, name: str, default: int) -> int:
-  """Returns ``value`` as a Python int, for arguments that decide shapes.
-
-  Raises:
-    TypeError: ``value`` is a traced array (for example an argument turned
-      into state by ``optax.inject_hyperparams``).
-  """
-  if value is None:
-    return default
-  if isinstance(value, jax.core.Tracer):
-    raise TypeError(
-        f"{name} decides which tensors are preconditioned and must be a static "
-        f"Python int, got a traced value. With optax.inject_hyperparams, list "
-        f"{name!r} in static_args."
-    )
-  return int(value)
-
-
-def _broadcast_mask(mask: MaskOrFn, params) -> Any:
-  """A bool per leaf of ``params`` from a (prefix) mask tree or a mask function."""
-  tree = mask(params) if callable(mask) else mask
-  return jax.tree.map(
-      lambda m, sub: jax.tree.map(lambda _: bool(m), sub), tree, params
-  )
 
 
 def kron_labels(
@@ -112,11 +91,11 @@ def kron_labels(
   if precondition_mask is None:
     allowed = [True] * len(flat)
   else:
-    allowed = treedef.flatten_up_to(_broadcast_mask(precondition_mask, params))
+    allowed = treedef.flatten_up_to(trees.broadcast_mask(precondition_mask, params))
   labels = []
   for (path, leaf), ok in zip(flat, allowed):
-    check_floating(path, leaf, "kron_labels")
-    sq = squeezed_shape(leaf.shape)
+    trees.check_floating(path, leaf, "kron_labels")
+    sq = trees.squeezed_shape(leaf.shape)
     blocked = block_size is not None
     eligible = ok and len(sq) >= 2 and (blocked or max(sq) <= max_precond_dim)
     if eligible:
@@ -143,7 +122,33 @@ def exclude(*patterns: str) -> Callable[[Any], Any]:
 
   def mask(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any(c.search(leaf_path(path)) for c in compiled), params
+        lambda path, _: not any(c.search(trees.leaf_path(path)) for c in compiled), params
     )
 
   return mask
+
+
+def pro_labels(tree, rank: int, restricted_side: str = "larger", *,
+               block_size: int | None = None, max_precond_dim: int | None = None):
+  """Labels each leaf ``'spike_flat'`` (Pro-KLShampoo factor) or ``'dense'`` (full KL-Shampoo).
+
+  A leaf gets a spike-and-flat factor when its squeezed shape is a matrix
+  whose restricted dim is larger than ``rank``; tensors of order three or
+  more, matrices with ``rank ≥`` the restricted dim, and (with
+  ``block_size``) matrices with a dim larger than ``max_precond_dim``, which are
+  blocked, keep full KL-Shampoo factors.
+
+  Examples:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> tree = {'a': jnp.zeros((8, 64)), 'b': jnp.zeros((8, 16)), 'c': jnp.zeros((4, 4, 4))}
+    >>> kl_optax.pro_labels(tree, rank=16)
+    {'a': 'spike_flat', 'b': 'dense', 'c': 'dense'}
+  """
+  def label(leaf):
+    sq = trees.squeezed_shape(leaf.shape)
+    blocked = block_size is not None and max(sq, default=0) > (max_precond_dim or block_size)
+    if len(sq) == 2 and not blocked and sq[pro.restricted_mode(sq, restricted_side)] > rank:
+      return SPIKE_FLAT
+    return DENSE
+
+  return jax.tree.map(label, tree)

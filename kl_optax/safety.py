@@ -30,29 +30,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kl_optax import _trees
-from kl_optax.compose import SKIP_SLOT, KronTransformState, kron_states, leaf_path
+from kl_optax import trees
+from kl_optax.state import KronTransformState, SkipNonFiniteState, ZeroNonFiniteState
 
 __all__ = [
-    "SkipNonFiniteState",
-    "ZeroNonFiniteState",
     "check_gradients",
-    "nonfinite_skips",
     "skip_nonfinite",
     "zero_nonfinite",
 ]
-
-
-class SkipNonFiniteState(NamedTuple):
-  """State of :func:`skip_nonfinite`.
-
-  Attributes:
-    skips: per leaf of the gradients, the number of steps it skipped (int32).
-    inner_state: the wrapped transformation's state.
-  """
-
-  skips: Any
-  inner_state: Any
 
 
 def _finite(x) -> jax.Array:
@@ -97,9 +82,9 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     ok = [f & _finite(u) for f, u in zip(finite, new_flat)]
 
     # Parameter-shaped state entries belong to their leaf and must be finite too.
-    owners = _trees.map_state(
+    owners = trees.map_state(
         new_inner, updates,
-        lambda flat_state: [x if _trees.is_masked(x) else i for i, x in enumerate(flat_state)],
+        lambda flat_state: [x if trees.is_masked(x) else i for i, x in enumerate(flat_state)],
         lambda _: -1)
     for x, owner in zip(jax.tree.leaves(new_inner), jax.tree.leaves(owners)):
       if owner >= 0:
@@ -118,17 +103,6 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     return out, SkipNonFiniteState(skips=skips, inner_state=kept)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class ZeroNonFiniteState(NamedTuple):
-  """State of :func:`zero_nonfinite`.
-
-  Attributes:
-    counts: per leaf, the number of steps in which its gradient had non-finite
-      entries (int32).
-  """
-
-  counts: Any
 
 
 def zero_nonfinite(max_abs: float = 1e15) -> optax.GradientTransformation:
@@ -171,8 +145,8 @@ def zero_nonfinite(max_abs: float = 1e15) -> optax.GradientTransformation:
 
 
 def _paths(tree) -> list[str]:
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_trees.is_masked)[0]
-  return [leaf_path(p) for p, _ in flat]
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=trees.is_masked)[0]
+  return [trees.leaf_path(p) for p, _ in flat]
 
 
 def check_gradients(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -194,19 +168,10 @@ def check_gradients(inner: optax.GradientTransformation) -> optax.GradientTransf
 
 
 def _first_skips(state):
-  found = []
-
-  def visit(x):
-    if isinstance(x, SkipNonFiniteState):
-      found.append(x.skips)
-      return True
-    if isinstance(x, ZeroNonFiniteState):
-      found.append(x.counts)
-      return True
-    return False
-
-  jax.tree_util.tree_flatten(state, is_leaf=visit)
-  return found[0] if found else None
+  found = trees.find_states(state, (SkipNonFiniteState, ZeroNonFiniteState))
+  if not found:
+    return None
+  return found[0].skips if isinstance(found[0], SkipNonFiniteState) else found[0].counts
 
 
 def _check_matches(updates, state) -> None:
@@ -223,7 +188,7 @@ def _check_matches(updates, state) -> None:
           + (f"leaves missing from the gradients: {missing}; " if missing else "")
           + ("the same leaves in a different order; " if not extra and not missing else "")
           + "was the state initialized with different parameters?")
-  flat_updates, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_trees.is_masked)
+  flat_updates, treedef = jax.tree_util.tree_flatten(updates, is_leaf=trees.is_masked)
   paths = _paths(updates)
 
   def check(node):
@@ -231,10 +196,10 @@ def _check_matches(updates, state) -> None:
       flat = treedef.flatten_up_to(node)
     except (ValueError, TypeError):
       return
-    if not all(_trees.is_masked(x) or hasattr(x, "shape") for x in flat):
+    if not all(trees.is_masked(x) or hasattr(x, "shape") for x in flat):
       return
     pairs = [(x, g, path) for x, g, path in zip(flat, flat_updates, paths)
-             if not (_trees.is_masked(x) or _trees.is_masked(g))]
+             if not (trees.is_masked(x) or trees.is_masked(g))]
     # Moments are floating point; per-leaf counters (int32) are not parameter-shaped.
     if not pairs or not all(jnp.issubdtype(x.dtype, jnp.inexact) for x, _, _ in pairs):
       return
@@ -246,7 +211,7 @@ def _check_matches(updates, state) -> None:
             "initialized with parameters of other shapes?")
 
   def visit(node):
-    if isinstance(node, jax.Array) or node is None or _trees.is_masked(node):
+    if isinstance(node, jax.Array) or node is None or trees.is_masked(node):
       return
     if isinstance(node, SkipNonFiniteState):   # its counters are scalars per leaf
       visit(node.inner_state)
@@ -262,34 +227,3 @@ def _check_matches(updates, state) -> None:
         visit(c)
 
   visit(state)
-
-
-def nonfinite_skips(opt_state) -> dict[str, Any]:
-  """Steps skipped because of non-finite values, for logging.
-
-  Returns:
-    ``{leaf path: count}`` from :func:`zero_nonfinite` (the recipes' AdamW
-    leaves: steps with non-finite entries) or :func:`skip_nonfinite` (steps
-    skipped), and ``{"<d_1>x<d_2>…": counts}`` per Kronecker shape group (steps
-    skipped, one count per stacked tensor or block), whichever the state
-    holds.
-  """
-  out: dict[str, Any] = {}
-
-  def visit(x):
-    counts = (x.skips if isinstance(x, SkipNonFiniteState)
-              else x.counts if isinstance(x, ZeroNonFiniteState) else None)
-    if counts is None:
-      return False
-    for path, count in jax.tree_util.tree_flatten_with_path(counts)[0]:
-      out[leaf_path(path)] = int(count) if not isinstance(count, jax.core.Tracer) else count
-    return True
-
-  jax.tree_util.tree_flatten(opt_state, is_leaf=visit)
-  for st in kron_states(opt_state):
-    if isinstance(st.groups, tuple):
-      for group in st.groups:
-        if SKIP_SLOT in group.slots:
-          key = "x".join(str(f.shape[-1]) for f in group.factors)
-          out[key] = group.slots[SKIP_SLOT]
-  return out

@@ -24,18 +24,24 @@ Without a mesh in context nothing is padded or constrained.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from kl_optax import _trees
+from kl_optax import trees
+from kl_optax.state import KronTransformState
 
 __all__ = [
+    "constrain",
     "context_mesh",
+    "has_explicit_axes",
+    "map_stacks",
     "padded_stack_size",
     "stack_axes",
     "stack_spec",
@@ -98,6 +104,37 @@ def constrain(x: jax.Array, spec: PartitionSpec) -> jax.Array:
   if has_explicit_axes(mesh):
     return jax.sharding.reshard(x, spec)
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _vmapped(fn, states, grads, count):
+  return jax.vmap(fn, in_axes=(0, 0, None))(states, grads, count)
+
+
+def _closes_over_tracers(fn, *args) -> bool:
+  """Whether ``fn`` uses traced values it does not receive as arguments."""
+  consts = jax.make_jaxpr(fn)(*args).consts
+  return any(isinstance(c, jax.core.Tracer) for c in consts)
+
+
+def map_stacks(fn: Callable, states: Any, grads: jax.Array, count: jax.Array):
+  """Runs ``fn(state, grad, count) -> (state, update)`` on every tensor of a stack.
+
+  ``states`` and ``grads`` have a leading axis over the tensors of one shape
+  group; ``fn`` is written for one tensor and mapped with ``jax.vmap``. Under a
+  mesh whose axes divide the stack, each device runs ``fn`` on its own share
+  (``jax.shard_map``), so no factor's linear algebra is split across devices.
+  Hyperparameters traced from outside (``optax.inject_hyperparams``) cannot
+  enter ``shard_map`` as closures; such stacks are left to XLA's partitioner,
+  which splits the mapped batch the same way.
+  """
+  local = functools.partial(_vmapped, fn)
+  mesh = context_mesh()
+  axes = stack_axes(grads.shape[0], mesh)
+  if axes and not _closes_over_tracers(local, states, grads, count):
+    spec = stack_spec(grads.shape[0], 1, mesh)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, PartitionSpec()),
+                          out_specs=(spec, spec))
+  return local(states, grads, count)
 
 
 def _concrete_mesh(mesh):
@@ -165,8 +202,6 @@ def state_shardings(
     >>> jax.tree.structure(shardings) == jax.tree.structure(state)
     True
   """
-  from kl_optax.compose import KronTransformState  # pylint: disable=g-import-not-at-top
-
   mesh = _concrete_mesh(mesh)
   with jax.set_mesh(mesh):
     abstract = jax.eval_shape(tx.init, params)
@@ -188,11 +223,9 @@ def state_shardings(
     def place(x):
       return NamedSharding(mesh, stack_spec(x.shape[0], x.ndim, mesh))
 
-    groups = node.groups
-    groups = jax.tree.map(place, groups) if isinstance(groups, tuple) else replicated
-    return KronTransformState(count=replicated, groups=groups)
+    return KronTransformState(count=replicated, groups=jax.tree.map(place, node.groups))
 
   def on_params(flat):
-    return [x if _trees.is_masked(x) else s for x, s in zip(flat, param_shardings)]
+    return [x if trees.is_masked(x) else s for x, s in zip(flat, param_shardings)]
 
-  return _trees.map_state(abstract, params, on_params, lambda _: replicated, stop=kron)
+  return trees.map_state(abstract, params, on_params, lambda _: replicated, stop=kron)

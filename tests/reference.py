@@ -464,3 +464,15 @@ class ProKLShampooReference:
     u = self.orient(u)
     self.last_update = u
     return w - self.lr * (u + self.wd * w)
+
+
+# The float64 reference of every recipe in kl_optax.RECIPES (test_family_reference checks
+# that none is missing).
+REFERENCES = {
+    "kl_shampoo": KLShampooReference,
+    "kl_soap": KLSOAPReference,
+    "pro_kl_shampoo": ProKLShampooReference,
+    "soap": SOAPReference,
+    "shampoo": ShampooReference,
+    "eshampoo": EShampooReference,
+}

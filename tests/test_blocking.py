@@ -9,7 +9,10 @@ import pytest
 
 import kl_optax
 
-RECIPES = ["kl_shampoo", "kl_soap", "soap", "shampoo", "eshampoo"]
+# Pro-KLShampoo blocks only its dense (KL-Shampoo) leaves: see
+# test_pro_kl_shampoo_blocks_large_leaves_with_full_factors.
+RECIPES = [name for name in kl_optax.RECIPES if name != "pro_kl_shampoo"]
+LAYOUT = kl_optax.Layout(block_size=4, max_precond_dim=8)
 SHAPE = (10, 13)      # rows cut into 4, 4, 2; columns into 4, 4, 4, 1
 BLOCK, MAX_DIM = 4, 8
 
@@ -32,7 +35,7 @@ def test_blocked_equals_recipe_on_each_block(name):
   """Every block of the blocked update equals the unblocked recipe run on that block alone."""
   factory = getattr(kl_optax, name)
   kwargs = dict(learning_rate=0.1, precondition_frequency=3)
-  blocked = factory(**kwargs, block_size=BLOCK, max_precond_dim=MAX_DIM)
+  blocked = factory(**kwargs, layout=kl_optax.Layout(block_size=BLOCK, max_precond_dim=MAX_DIM))
   # The 13-column dim is cut, so a 1-column block (squeezed: a vector) goes to AdamW in
   # the per-block run but is preconditioned as a (2|4)×1 block in the blocked run: skip it.
   plain = factory(**kwargs)
@@ -52,7 +55,8 @@ def test_blocked_equals_recipe_on_each_block(name):
 
 
 def test_blocks_are_stacked_by_shape():
-  tx = kl_optax.scale_by_kl_shampoo(block_size=BLOCK, max_precond_dim=MAX_DIM)
+  tx = kl_optax.scale_by_kl_shampoo(
+      layout=kl_optax.Layout(block_size=BLOCK, max_precond_dim=MAX_DIM))
   state = tx.init({"w": jnp.zeros(SHAPE), "v": jnp.zeros((4, 4))})
   shapes = {tuple(f.shape[-1] for f in g.factors): g.factors[0].shape[0] for g in state.groups}
   # 6 full 4×4 blocks plus the separate (4, 4) leaf share one stack.
@@ -60,7 +64,7 @@ def test_blocks_are_stacked_by_shape():
 
 
 def test_dims_up_to_max_precond_dim_are_not_cut():
-  tx = kl_optax.scale_by_kl_shampoo(block_size=4, max_precond_dim=16)
+  tx = kl_optax.scale_by_kl_shampoo(layout=kl_optax.Layout(block_size=4, max_precond_dim=16))
   state = tx.init({"w": jnp.zeros((16, 12))})
   assert [tuple(f.shape[-1] for f in g.factors) for g in state.groups] == [(16, 12)]
 
@@ -69,7 +73,7 @@ def test_routing_without_and_with_blocking():
   params = {"big": jnp.zeros((20, 3)), "small": jnp.zeros((5, 3))}
   assert kl_optax.kron_labels(params, 8) == {"big": "adam", "small": "kron"}
   assert kl_optax.kron_labels(params, 8, block_size=8) == {"big": "kron", "small": "kron"}
-  tx = kl_optax.kl_shampoo(1e-2, max_precond_dim=8)
+  tx = kl_optax.kl_shampoo(1e-2, layout=kl_optax.Layout(max_precond_dim=8))
   state = tx.init(params)
   assert [tuple(f.shape[-1] for f in g.factors)
           for g in kl_optax.kron_states(state)[0].groups] == [(5, 3)]
@@ -79,8 +83,8 @@ def test_pro_kl_shampoo_blocks_large_leaves_with_full_factors():
   params = {"big": jnp.zeros((20, 6)), "wide": jnp.zeros((6, 8))}
   labels = kl_optax.pro_labels(params, 2, block_size=4, max_precond_dim=8)
   assert labels == {"big": "dense", "wide": "spike_flat"}
-  tx = kl_optax.pro_kl_shampoo(0.1, rank=2, block_size=4, max_precond_dim=8)
-  ref = kl_optax.kl_shampoo(0.1, block_size=4, max_precond_dim=8)
+  tx = kl_optax.pro_kl_shampoo(0.1, rank=2, layout=LAYOUT)
+  ref = kl_optax.kl_shampoo(0.1, layout=LAYOUT)
   w = {"big": jnp.zeros((20, 6))}
   s, s_ref = tx.init(w), ref.init(w)
   update, update_ref = jax.jit(tx.update), jax.jit(ref.update)
@@ -99,4 +103,4 @@ def test_pro_kl_shampoo_blocks_large_leaves_with_full_factors():
 ])
 def test_bad_blocking_options_name_the_argument(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    kl_optax.kl_shampoo(1e-3, **kwargs)
+    kl_optax.kl_shampoo(1e-3, layout=kl_optax.Layout(**kwargs))

@@ -12,18 +12,12 @@ import pytest
 
 import kl_optax
 
-# (factory name, kwargs)
-RECIPES = [
-    ("kl_shampoo", {"learning_rate": 1e-2}),
-    ("kl_soap", {"learning_rate": 1e-2}),
-    ("soap", {"learning_rate": 1e-2}),
-    ("shampoo", {"learning_rate": 1e-2}),
-    ("eshampoo", {"learning_rate": 1e-2}),
-    # rank 2 < 4: the (3, 4) leaf gets a spike-and-flat factor, the 3-D leaf full KL-Shampoo.
-    ("pro_kl_shampoo", {"learning_rate": 1e-2, "rank": 2}),
-]
+# (factory name, kwargs) from the table of recipes. Pro-KLShampoo's rank 2 < 4: the
+# (3, 4) leaf gets a spike-and-flat factor, the 3-D leaf full KL-Shampoo.
+RECIPES = [(spec.name, {"learning_rate": 1e-2, **spec.test_kwargs})
+           for spec in kl_optax.RECIPES.values()]
 # Arguments that decide shapes and must stay static under optax.inject_hyperparams.
-STATIC_ARGS = {"pro_kl_shampoo": ("rank",)}
+STATIC_ARGS = {spec.name: spec.static_args for spec in kl_optax.RECIPES.values()}
 IDS = [r[0] for r in RECIPES]
 
 
@@ -166,19 +160,25 @@ def test_state_shape_dtype_stable_inside_cond(name, kwargs, dtype):
     params = _mixed_params(jnp.dtype(dtype))
 
     @jax.jit
-    def step(params, state):
+    def step(params, state, take):
       grads = jax.grad(_mixed_loss)(params)
-      cond = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
+      zero = jax.tree.map(jnp.zeros_like, params)
       updates, state = jax.lax.cond(
-          cond, lambda: opt.update(grads, state, params), lambda: (params, state))
+          take, lambda: opt.update(grads, state, params), lambda: (zero, state))
       return optax.apply_updates(params, updates), state
 
     state = opt.init(params)
-    for _ in range(3):
-      params, new_state = step(params, state)
-      assert all(params[k].dtype == jnp.dtype(dtype) for k in params)
-      cond = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
-      state = jax.lax.cond(cond, lambda: state, lambda: new_state)  # noqa: B023
+    signature = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    for i in range(4):   # the branch is traced: update, skip, update, skip
+      take = i % 2 == 0
+      new_params, state = step(params, state, jnp.asarray(take))
+      assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == signature
+      assert all(new_params[k].dtype == jnp.dtype(dtype) for k in params)
+      moved = any(not np.array_equal(new_params[k], params[k]) for k in params)
+      assert moved == take, (i, moved)
+      params = new_params
+    assert [int(s.count) for s in kl_optax.kron_states(state)] == [2] * len(
+        kl_optax.kron_states(state))
 
 
 @pytest.mark.parametrize("name,kwargs", RECIPES, ids=IDS)

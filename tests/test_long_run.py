@@ -25,14 +25,7 @@ def _drift(state):
   return worst
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("kl_shampoo", dict(init_factor=1e-3)),
-    ("kl_soap", {}),
-    ("soap", {}),
-    ("shampoo", {}),
-    ("eshampoo", {}),
-    ("pro_kl_shampoo", dict(rank=3)),
-])
+@pytest.mark.parametrize("name,kwargs", [(n, s.test_kwargs) for n, s in kl_optax.RECIPES.items()])
 def test_ten_thousand_steps_stay_orthonormal_and_finite(name, kwargs, record_property):
   tx = getattr(kl_optax, name)(1e-3, precondition_frequency=10, **kwargs)
   rng = np.random.default_rng(0)

@@ -238,7 +238,8 @@ def test_bfloat16_state_storage():
   """state_dtype stores momentum, factors and bases in bfloat16; λ and the math stay float32."""
   rng = np.random.default_rng(9)
   params = {"w": jnp.zeros((6, 5)), "t": jnp.zeros((2, 3, 4))}
-  tx16 = kl_optax.scale_by_kl_shampoo(precondition_frequency=2, state_dtype="bfloat16")
+  tx16 = kl_optax.scale_by_kl_shampoo(
+      precondition_frequency=2, layout=kl_optax.Layout(state_dtype="bfloat16"))
   tx32 = kl_optax.scale_by_kl_shampoo(precondition_frequency=2)
   s16, s32 = tx16.init(params), tx32.init(params)
   update16, update32 = jax.jit(tx16.update), jax.jit(tx32.update)
@@ -257,7 +258,7 @@ def test_bfloat16_state_storage():
     assert group.slots["mu"].dtype == jnp.bfloat16
     assert all(x.dtype == jnp.float32 for x in group.eigvals)
   with pytest.raises(ValueError, match="state_dtype"):
-    kl_optax.scale_by_kl_shampoo(state_dtype="int8")
+    kl_optax.Layout(state_dtype="int8")
 
 
 @pytest.mark.parametrize("shape", SHAPES)

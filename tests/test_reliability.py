@@ -9,14 +9,7 @@ import pytest
 import kl_optax
 from kl_optax import kron
 
-RECIPES = {
-    "kl_shampoo": dict(init_factor=1e-3),
-    "kl_soap": {},
-    "soap": {},
-    "shampoo": {},
-    "eshampoo": {},
-    "pro_kl_shampoo": dict(rank=2),
-}
+RECIPES = {name: dict(spec.test_kwargs) for name, spec in kl_optax.RECIPES.items()}
 NAMES = list(RECIPES)
 
 
@@ -181,7 +174,7 @@ def test_nonfinite_gradient_never_reaches_the_state(name):
       params, state, updates, _ = step(params, state, jnp.float32(1.0), poison)
       assert _all_finite(state) and _all_finite(updates), bad
       if bad == "b":   # AdamW leaf: the gradient's entries are zeroed, so m ← b1 · m
-        mu = lambda st: st.inner_states["adam"].inner_state[1][0].mu["b"]
+        mu = lambda st: kl_optax.adam_states(st)[0].mu["b"]
         np.testing.assert_allclose(mu(state), 0.9 * mu(old_state), rtol=1e-6)
       else:            # Kronecker leaf: only the decoupled weight decay, −lr · wd · W
         np.testing.assert_allclose(updates[bad], -1e-2 * 0.01 * old_params[bad], rtol=1e-6)
@@ -194,7 +187,7 @@ def test_nonfinite_gradient_never_reaches_the_state(name):
     assert int(np.sum(skips[key])) == 3, skips
     assert all(int(np.sum(v)) == 0 for k, v in skips.items() if k != key), skips
     if bad != "b":   # the bad tensor's Kronecker state is exactly what it was
-      sq = kl_optax.compose.squeezed_shape(params[bad].shape)
+      sq = kl_optax.trees.squeezed_shape(params[bad].shape)
       for old, new in zip(_kron_groups(before), _kron_groups(state)):
         if tuple(f.shape[-1] for f in new.factors) == sq:
           for a, b in zip(old.factors + old.bases + old.eigvals,
@@ -386,7 +379,8 @@ BAD_ARGS = [("b1", 1.0), ("b1", -0.1), ("b2", 1.0), ("b2", -0.5), ("eps", -1e-8)
 @pytest.mark.parametrize("arg,value", BAD_ARGS, ids=[f"{a}={v}" for a, v in BAD_ARGS])
 def test_invalid_hyperparameters_name_the_argument(name, arg, value):
   with pytest.raises(ValueError, match=arg):
-    make(name, **{arg: value})
+    kwargs = {"layout": kl_optax.Layout(**{arg: value})} if arg == "block_size" else {arg: value}
+    make(name, **kwargs)
 
 
 def test_invalid_rank_names_the_argument():

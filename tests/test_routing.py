@@ -1,5 +1,8 @@
 """Which leaves are preconditioned, and the errors for leaves that cannot be."""
 
+import warnings
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,9 +49,9 @@ def test_max_precond_dim_and_masks():
 
 def test_recipe_routes_and_updates_every_leaf():
   params = _params()
-  tx = kl_optax.kl_shampoo(1e-2, precondition_mask=kl_optax.exclude("embed"))
+  tx = kl_optax.kl_shampoo(1e-2, layout=kl_optax.Layout(precondition_mask=kl_optax.exclude("embed")))
   state = tx.init(params)
-  kron_state = state.inner_states["kron"].inner_state[0]
+  (kron_state,) = kl_optax.kron_states(state)
   # Preconditioned: two (8,16)/(16,8) matrices and the conv kernel -> 3 shape groups.
   assert [g.factors[0].shape[0] for g in kron_state.groups] == [1, 1, 1]
   grads = jax.tree.map(jnp.ones_like, params)
@@ -97,14 +100,69 @@ def test_invalid_hyperparameters_name_the_argument(name, value):
 
 def test_max_precond_dim_must_be_static():
   with pytest.raises(ValueError, match="max_precond_dim"):
+    kl_optax.kl_shampoo(1e-3, layout=kl_optax.Layout(max_precond_dim=0))
+  with pytest.raises(ValueError, match="max_precond_dim"), pytest.warns(DeprecationWarning):
     kl_optax.kl_shampoo(1e-3, max_precond_dim=0)
-  opt = optax.inject_hyperparams(kl_optax.kl_shampoo)(1e-3, max_precond_dim=64)
   params = {"w": jnp.zeros((3, 4))}
+  # Layout options are static under inject_hyperparams without static_args:
+  # max_precond_dim=3 sends the 3x4 matrix to AdamW, which keeps moments of its shape.
+  opt = optax.inject_hyperparams(kl_optax.kl_shampoo)(
+      1e-3, layout=kl_optax.Layout(max_precond_dim=3))
+  state = jax.jit(opt.init)(params)
+  assert not kl_optax.kron_states(state)[0].groups
+  # A static int passed as a number is traced; the error says what to do.
+  opt = optax.inject_hyperparams(kl_optax.kl_shampoo)(1e-3, refresh_max_iters=2)
   with pytest.raises(TypeError, match="static_args"):
     jax.jit(opt.init)(params)
-  opt = optax.inject_hyperparams(kl_optax.kl_shampoo, static_args=("max_precond_dim",))(
-      1e-3, max_precond_dim=64)
+  opt = optax.inject_hyperparams(kl_optax.kl_shampoo, static_args=("refresh_max_iters",))(
+      1e-3, refresh_max_iters=2)
   jax.jit(opt.init)(params)
+
+
+@pytest.mark.parametrize("how", ["layout", "old keyword"])
+def test_callable_mask_is_not_a_schedule_under_inject_hyperparams(how):
+  params = {"w": jnp.ones((4, 3)), "head": jnp.ones((3, 5))}
+  mask = kl_optax.exclude("head")
+  kw = ({"layout": kl_optax.Layout(precondition_mask=mask)} if how == "layout"
+        else {"precondition_mask": mask})
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    opt = optax.inject_hyperparams(kl_optax.kl_shampoo)(1e-3, **kw)
+    state = opt.init(params)
+  (kron,) = kl_optax.kron_states(state)
+  assert [kl_optax.inspection.group_name(g) for g in kron.groups] == ["4x3"]
+  updates, _ = opt.update(params, state, params)
+  assert updates["head"].shape == (3, 5)
+
+
+def test_array_masks_are_refused_with_a_message():
+  with pytest.raises(TypeError, match="precondition_mask.*inject_hyperparams"):
+    kl_optax.Layout(precondition_mask={"w": jnp.asarray(True)})
+
+
+def test_old_keywords_map_to_the_options_and_warn():
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+  grads = jax.tree.map(lambda p: 0.1 * p, params)
+  new = kl_optax.kl_shampoo(1e-2, layout=kl_optax.Layout(state_dtype="bfloat16"),
+                            fallback=kl_optax.Fallback(b1=0.5, learning_rate=1e-1))
+  with pytest.warns(DeprecationWarning, match="Layout\\(state_dtype"):
+    old = kl_optax.kl_shampoo(1e-2, state_dtype="bfloat16", adam_b1=0.5,
+                              adam_learning_rate=1e-1)
+  txs = (new, old)
+  states = [tx.init(params) for tx in txs]
+  for _ in range(3):
+    outs = []
+    for i, tx in enumerate(txs):
+      u, states[i] = tx.update(grads, states[i], params)
+      outs.append(u)
+    chex.assert_trees_all_equal(*outs)
+  chex.assert_trees_all_equal(*states)
+  with pytest.raises(TypeError, match="unexpected keyword.*bogus"):
+    kl_optax.kl_shampoo(1e-2, bogus=1)
+  with pytest.raises(TypeError, match="inside layout="):
+    kl_optax.kl_shampoo(1e-2, layout=kl_optax.Layout(), block_size=4)
+  with pytest.raises(ValueError, match="takes no masks"):
+    kl_optax.scale_by_kl_shampoo(layout=kl_optax.Layout(precondition_mask=kl_optax.exclude("a")))
 
 
 def test_nothing_preconditioned():

@@ -32,7 +32,8 @@ import jax
 import numpy as np
 
 import kl_optax
-from kl_optax.benchmarks import gpt, harness, workload
+from kl_optax import models
+from kl_optax.benchmarks import harness, workload
 from kl_optax.benchmarks.optimizers import OPTIMIZERS, make_optimizer
 
 __all__ = ["main", "state_floats_kl_shampoo"]
@@ -107,7 +108,7 @@ def main(argv=None) -> dict:
   os.makedirs(args.out, exist_ok=True)
   work = workload.from_args(args)
   cfg, batches, val = work.config, work.batches, work.val
-  setup = harness.make_setup(work.model(), gpt.loss_fn)
+  setup = harness.make_setup(work.model(), models.loss_fn)
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
   kwargs = {n: harness.parse_variant(n)[1] for n in names}
   for n in names:
@@ -154,7 +155,7 @@ def main(argv=None) -> dict:
 
   best_runs = {n: min((r for r in sweeps[n] if not r["diverged"]), key=lambda r: r["final_val"])
                for n in names}
-  labels = kl_optax.kron_labels(setup.params, precondition_mask=kl_optax.exclude(*gpt.ADAM_LEAVES))
+  labels = kl_optax.kron_labels(setup.params, precondition_mask=kl_optax.exclude(*models.ADAM_LEAVES))
   timing_batch = batches(0)
   summary = {}
   for name in names:

@@ -5,7 +5,7 @@ Every optimizer gets the same schedule family (linear warm-up over the first
 decay; only the peak learning rate is tuned. The Kronecker recipes and Muon
 send the leaves matched by ``adam_leaves`` (regular expressions on leaf paths;
 by default the GPT's embeddings, position table and output head,
-:data:`kl_optax.benchmarks.gpt.ADAM_LEAVES`) to AdamW.
+:data:`kl_optax.benchmarks.models.ADAM_LEAVES`) to AdamW.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import optax
 
 import kl_optax
-from kl_optax.benchmarks import gpt
+from kl_optax import models
 from kl_optax.benchmarks.harness import warmup_cosine
 
 __all__ = ["OPTIMIZERS", "WEIGHT_DECAY", "make_optimizer"]
@@ -30,8 +30,8 @@ def _adamw(schedule, adam_leaves=(), **kw):
 
 
 def _kronecker(recipe):
-  def make(schedule, adam_leaves=gpt.ADAM_LEAVES, **kw):
-    kw.setdefault("precondition_mask", kl_optax.exclude(*adam_leaves))
+  def make(schedule, adam_leaves=models.ADAM_LEAVES, **kw):
+    kw.setdefault("layout", kl_optax.Layout(precondition_mask=kl_optax.exclude(*adam_leaves)))
     return recipe(schedule, weight_decay=WEIGHT_DECAY, **kw)
   return make
 
@@ -46,7 +46,7 @@ def _muon_dims(leaf, label):
                                             output_axis=(leaf.ndim - 1,))
 
 
-def _muon(schedule, adam_leaves=gpt.ADAM_LEAVES, **kw):
+def _muon(schedule, adam_leaves=models.ADAM_LEAVES, **kw):
   # Muon orthogonalizes exactly the leaves the Kronecker recipes precondition
   # (convolution kernels as (inputs, outputs) matrices); the rest get AdamW.
   def dims(params):
@@ -59,12 +59,7 @@ def _muon(schedule, adam_leaves=gpt.ADAM_LEAVES, **kw):
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adamw": _adamw,
     "muon": _muon,
-    "kl_shampoo": _kronecker(kl_optax.kl_shampoo),
-    "kl_soap": _kronecker(kl_optax.kl_soap),
-    "soap": _kronecker(kl_optax.soap),
-    "shampoo": _kronecker(kl_optax.shampoo),
-    "eshampoo": _kronecker(kl_optax.eshampoo),
-    "pro_kl_shampoo": _kronecker(kl_optax.pro_kl_shampoo),
+    **{name: _kronecker(spec.constructor) for name, spec in kl_optax.RECIPES.items()},
 }
 
 

@@ -11,7 +11,7 @@ Three measurements, each against ``optax.adamw`` in the same process:
 2. **Per-device optimizer-state bytes** on meshes of 1, 2, 4 and 8 devices,
    read from the arrays' shards after ``jax.jit(tx.init, out_shardings=
    kl_optax.state_shardings(...))``. Parameters are sharded Megatron-style
-   over the mesh (:data:`kl_optax.benchmarks.gpt.PARAM_RULES`). Goal:
+   over the mesh (:data:`kl_optax.models.PARAM_RULES`). Goal:
    ``≤ 1.25 · total / devices + replicated``.
 3. **Step time** on a ``(data, model)`` mesh of all devices (eight simulated
    host devices on a CPU machine): median train step, and the refresh steps
@@ -44,7 +44,7 @@ from jax.sharding import AxisType, NamedSharding  # pylint: disable=wrong-import
 from jax.sharding import PartitionSpec as P  # pylint: disable=wrong-import-position
 
 import kl_optax  # pylint: disable=wrong-import-position
-from kl_optax.benchmarks import gpt  # pylint: disable=wrong-import-position
+from kl_optax import models  # pylint: disable=wrong-import-position
 from kl_optax.benchmarks.harness import per_device_bytes, state_bytes  # pylint: disable=wrong-import-position
 from kl_optax.benchmarks.optimizers import make_optimizer  # pylint: disable=wrong-import-position
 
@@ -56,15 +56,15 @@ def _optimizer(name, steps):
   kwargs = {}
   if "_b" in name:
     name, block = name.rsplit("_b", 1)
-    kwargs.update(block_size=int(block), max_precond_dim=int(block))
+    kwargs["layout"] = kl_optax.Layout(block_size=int(block), max_precond_dim=int(block))
   if name == "kl_shampoo":
     kwargs["init_factor"] = 1e-3
   return make_optimizer(name, 1e-3, steps, **kwargs)
 
 
 def _model(d_model, layers, context, heads=4):
-  cfg = gpt.GPTConfig(VOCAB, context=context, d_model=d_model, n_layers=layers, n_heads=heads)
-  return nnx.split(gpt.GPT(cfg, nnx.Rngs(0)), nnx.Param, ...)
+  cfg = models.GPTConfig(VOCAB, context=context, d_model=d_model, n_layers=layers, n_heads=heads)
+  return nnx.split(models.GPT(cfg, nnx.Rngs(0)), nnx.Param, ...)
 
 
 def _batch(batch, context, seed=0):
@@ -88,7 +88,7 @@ def compile_times(optimizers, depths, d_model, context, batch) -> dict:
       tx = _optimizer(name, 100)
       state = tx.init(params)
       grads = jax.tree.map(lambda p: p * 0.5, params)
-      step_s = _compile_seconds(gpt.make_train_step(graphdef, rest, tx), params, state, x, y)
+      step_s = _compile_seconds(models.make_train_step(graphdef, rest, tx), params, state, x, y)
       update_s = _compile_seconds(lambda g, s, p: tx.update(g, s, p), grads, state, params)
       out[f"{name}@{layers}"] = {"train_step_s": step_s, "update_s": update_s}
       print(f"  compile  {name:>10s}  {layers:3d} layers: train step {step_s:6.2f} s, "
@@ -98,7 +98,7 @@ def compile_times(optimizers, depths, d_model, context, batch) -> dict:
 
 def _shard_params(params, mesh):
   shardings = jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, gpt.param_spec(jax.tree_util.keystr(path), x.shape,
+      lambda path, x: NamedSharding(mesh, models.param_spec(jax.tree_util.keystr(path), x.shape,
                                                          mesh)), params)
   return jax.device_put(params, shardings), shardings
 
@@ -144,7 +144,7 @@ def step_times(optimizers, d_model, layers, context, batch, model_parallel, step
       state = jax.jit(tx.init, out_shardings=s_shardings)(params)
       data = NamedSharding(mesh, P("data", None))
       inputs, targets = jax.device_put(x, data), jax.device_put(y, data)
-      step = jax.jit(gpt.make_train_step(graphdef, rest, tx), donate_argnums=(0, 1),
+      step = jax.jit(models.make_train_step(graphdef, rest, tx), donate_argnums=(0, 1),
                      out_shardings=(p_shardings, s_shardings, NamedSharding(mesh, P())))
       times = []
       for t in range(steps + 2):

@@ -59,7 +59,7 @@ from kl_optax.benchmarks.optimizers import OPTIMIZERS, make_optimizer
 
 __all__ = ["PRESETS", "QUICK_LEARNING_RATES", "main", "steps_to_target"]
 
-KL_RECIPES = ("kl_shampoo", "kl_soap", "pro_kl_shampoo")
+KL_RECIPES = tuple(name for name, spec in kl_optax.RECIPES.items() if spec.kl)
 
 # Peak learning-rate grids (factor 2 apart), the same for every optimizer of a workload.
 LR_GRIDS = {
@@ -70,10 +70,16 @@ LR_GRIDS = {
 }
 
 # Best peak learning rates found by ``--preset cpu`` (docs/benchmarks.md).
+# The baselines' values are here; the recipes' are in their rows of kl_optax.RECIPES.
 QUICK_LEARNING_RATES = {
-    "char_gpt": {"adamw": 4e-3, "muon": 3.2e-2, "kl_shampoo": 1.6e-2, "soap": 1.6e-2},
-    "digits_mlp": {"adamw": 3.2e-2, "muon": 1.6e-2, "kl_shampoo": 1.6e-2, "soap": 8e-3},
-    "kron_regression": {"adamw": 0.256, "muon": 0.256, "kl_shampoo": 0.256, "soap": 0.064},
+    workload: {**baselines, **{name: spec.learning_rates[workload]
+                               for name, spec in kl_optax.RECIPES.items()
+                               if workload in spec.learning_rates}}
+    for workload, baselines in {
+        "char_gpt": {"adamw": 4e-3, "muon": 3.2e-2},
+        "digits_mlp": {"adamw": 3.2e-2, "muon": 1.6e-2},
+        "kron_regression": {"adamw": 0.256, "muon": 0.256},
+    }.items()
 }
 
 
@@ -87,8 +93,7 @@ class Preset:
   sweep: bool
 
 
-ALL_OPTIMIZERS = ("adamw", "muon", "kl_shampoo", "kl_soap", "pro_kl_shampoo", "soap", "shampoo",
-                  "eshampoo")
+ALL_OPTIMIZERS = ("adamw", "muon", *kl_optax.RECIPES)
 
 PRESETS = {
     "quick": Preset("cpu", ("char_gpt", "digits_mlp", "kron_regression"),

@@ -8,13 +8,15 @@ optimizer sees the same batches in the same order), a fixed list of validation
 batches, and the leaves the Kronecker recipes and Muon send to AdamW.
 
 * ``char_gpt`` — a character GPT on Shakespeare, validated on held-out plays
-  (:mod:`kl_optax.benchmarks.shakespeare`, :mod:`kl_optax.benchmarks.gpt`).
+  (``kl_optax.datasets.load_corpus``, ``kl_optax.models.GPT``).
 * ``digits_mlp`` / ``digits_cnn`` — scikit-learn's 1,797 real 8×8 handwritten
-  digits (``sklearn.datasets.load_digits``, bundled with the package), a fixed
-  split of 1,437 training and 360 validation images, cross-entropy loss.
+  digits (``kl_optax.datasets.load_digits``, bundled with scikit-learn), a fixed
+  split of 1,437 training and 360 validation images, cross-entropy loss
+  (``kl_optax.models.MLP``, ``kl_optax.models.CNN``).
 * ``kron_regression`` — stochastic matrix regression ``y = xᵀ W* z + noise``
   with rotated, ill-conditioned ``Σx`` and ``Σz``: the Hessian is ``Σx ⊗ Σz``,
-  which a Kronecker preconditioner can capture and a diagonal one cannot.
+  which a Kronecker preconditioner can capture and a diagonal one cannot
+  (``kl_optax.models.Bilinear``).
 
 ``size`` is ``"tiny"`` (tests), ``"cpu"`` (sizes that train in
 minutes on a 2-core CPU) or ``"gpu"`` (larger models for an accelerator).
@@ -24,18 +26,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from kl_optax.benchmarks import gpt, harness, workload
+from kl_optax import models
+from kl_optax.benchmarks import harness, workload
+from kl_optax.datasets import load_digits
 
-__all__ = ["SIZES", "TASKS", "Task", "load_digits", "make_task"]
+__all__ = ["SIZES", "TASKS", "Task", "make_task"]
 
 SIZES = ("tiny", "cpu", "gpu")
 
@@ -63,10 +64,6 @@ class Task:
   optimizer_kwargs: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
-def _cross_entropy(model, inputs, targets):
-  return optax.softmax_cross_entropy_with_integer_labels(model(inputs), targets).mean()
-
-
 # ----------------------------------------------------------------------------- character GPT
 
 _GPT_SIZES = {
@@ -82,67 +79,15 @@ def char_gpt(size: str, seed: int) -> Task:
   cfg = dict(_GPT_SIZES[size])
   args = argparse.Namespace(seed=seed, steps=0, **cfg)
   work = workload.from_args(args)
-  setup = harness.make_setup(work.model(), gpt.loss_fn)
+  setup = harness.make_setup(work.model(), models.loss_fn)
   d = work.config.d_model
-  return Task("char_gpt", setup, work.batches, work.val, gpt.ADAM_LEAVES,
+  return Task("char_gpt", setup, work.batches, work.val, models.ADAM_LEAVES,
               f"character GPT on Shakespeare, d={d}, {work.config.n_layers} layers, context "
               f"{work.config.context}, batch {cfg['batch']} ({setup.num_params / 1e6:.2f} M parameters)",
               {"pro_kl_shampoo": {"rank": max(4, d // 4)}})
 
 
 # ----------------------------------------------------------------------------- digits
-
-@functools.lru_cache(maxsize=1)
-def load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """scikit-learn's 8×8 digits as (train images, train labels, val images, val labels).
-
-  Images are float32 in [0, 1] with shape (n, 8, 8, 1); the split (1,437 / 360)
-  is a fixed permutation, stratification-free.
-  """
-  try:
-    from sklearn import datasets  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("the digits workloads need scikit-learn: pip install scikit-learn") from e
-  digits = datasets.load_digits()
-  images = (digits.images / 16.0).astype(np.float32)[..., None]
-  labels = digits.target.astype(np.int32)
-  order = np.random.default_rng(1234).permutation(len(labels))
-  n_val = 360
-  val, train = order[:n_val], order[n_val:]
-  return images[train], labels[train], images[val], labels[val]
-
-
-class MLP(nnx.Module):
-  """Flattened 8×8 image → hidden layers (GELU) → 10 logits (``head``)."""
-
-  def __init__(self, hidden: tuple[int, ...], rngs: nnx.Rngs):
-    dims = (64, *hidden)
-    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
-    self.head = nnx.Linear(dims[-1], 10, rngs=rngs)
-
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    for layer in self.layers:
-      x = jax.nn.gelu(layer(x))
-    return self.head(x)
-
-
-class CNN(nnx.Module):
-  """Two 3×3 convolutions (the second with stride 2), a dense layer and a ``head``."""
-
-  def __init__(self, channels: tuple[int, int], hidden: int, rngs: nnx.Rngs):
-    c1, c2 = channels
-    self.conv1 = nnx.Conv(1, c1, (3, 3), rngs=rngs)
-    self.conv2 = nnx.Conv(c1, c2, (3, 3), strides=(2, 2), rngs=rngs)
-    self.dense = nnx.Linear(4 * 4 * c2, hidden, rngs=rngs)
-    self.head = nnx.Linear(hidden, 10, rngs=rngs)
-
-  def __call__(self, x):
-    x = jax.nn.gelu(self.conv1(x))
-    x = jax.nn.gelu(self.conv2(x))
-    x = jax.nn.gelu(self.dense(x.reshape(x.shape[0], -1)))
-    return self.head(x)
-
 
 _DIGITS_BATCH = {"tiny": 16, "cpu": 64, "gpu": 256}
 
@@ -158,7 +103,7 @@ def _digits_task(name, model, size, seed, description) -> Task:
   val = [(x_val[i:i + 180], y_val[i:i + 180]) for i in range(0, len(y_val), 180)]
   if size == "tiny":
     val = val[:1]
-  setup = harness.make_setup(model, _cross_entropy)
+  setup = harness.make_setup(model, models.loss_fn)
   return Task(name, setup, batches, val, (r"\['head'\]",),
               f"{description}, batch {batch} ({setup.num_params / 1e3:.0f} k parameters)",
               {"pro_kl_shampoo": {"rank": 16 if size != "tiny" else 4}})
@@ -167,28 +112,18 @@ def _digits_task(name, model, size, seed, description) -> Task:
 def digits_mlp(size: str, seed: int) -> Task:
   """An MLP on scikit-learn's real 8×8 handwritten digits."""
   hidden = {"tiny": (16,), "cpu": (256, 256), "gpu": (1024, 1024, 1024)}[size]
-  return _digits_task("digits_mlp", MLP(hidden, nnx.Rngs(seed)), size, seed,
+  return _digits_task("digits_mlp", models.MLP(hidden, nnx.Rngs(seed)), size, seed,
                       f"MLP 64-{'-'.join(map(str, hidden))}-10 on 8×8 digits")
 
 
 def digits_cnn(size: str, seed: int) -> Task:
   """A small CNN on scikit-learn's real 8×8 handwritten digits (4-D kernels get 3 factors)."""
   channels, hidden = {"tiny": ((4, 8), 16), "cpu": ((32, 64), 128), "gpu": ((128, 256), 512)}[size]
-  return _digits_task("digits_cnn", CNN(channels, hidden, nnx.Rngs(seed)), size, seed,
+  return _digits_task("digits_cnn", models.CNN(channels, hidden, nnx.Rngs(seed)), size, seed,
                       f"CNN conv{channels[0]}-conv{channels[1]}-{hidden}-10 on 8×8 digits")
 
 
 # ----------------------------------------------------------------------------- Kronecker regression
-
-class Bilinear(nnx.Module):
-  """``x, z -> xᵀ W z`` with one weight matrix ``W``."""
-
-  def __init__(self, dx: int, dz: int):
-    self.w = nnx.Param(jnp.zeros((dx, dz)))
-
-  def __call__(self, x, z):
-    return jnp.einsum("bi,ij,bj->b", x, self.w[...], z)
-
 
 def _rotated_cov(rng: np.random.Generator, d: int, cond: float) -> np.ndarray:
   q, _ = np.linalg.qr(rng.normal(size=(d, d)))
@@ -225,7 +160,7 @@ def kron_regression(size: str, seed: int) -> Task:
 
   val_rng = np.random.default_rng([seed, 10**6])
   val = [sample(val_rng, 1024) for _ in range(1 if size == "tiny" else 4)]
-  setup = harness.make_setup(Bilinear(dx, dz), _squared_error)
+  setup = harness.make_setup(models.Bilinear(dx, dz), _squared_error)
   return Task("kron_regression", setup, batches, val, (),
               f"matrix regression y = xᵀW*z + noise, W {dx}×{dz}, Σx, Σz rotated with "
               f"condition number {cond:g}, batch {batch}", {"pro_kl_shampoo": {"rank": max(2, dx // 4)}})

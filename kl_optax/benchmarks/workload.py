@@ -1,7 +1,9 @@
-"""The character-GPT workload shared by the examples and the benchmarks.
+"""The character-GPT workload of the benchmarks, built from command-line options.
 
 One place fixes the command-line options of the model size and the data
-protocol: training batch ``i`` is drawn with the seed ``(seed, i)``, so every
+protocol of ``kl_optax.benchmarks.char_gpt`` and the suite's ``char_gpt``
+workload: the model is ``kl_optax.models.GPT``, training batch ``i`` is drawn
+with the seed ``(seed, i)`` (``kl_optax.datasets.Corpus.batches``), so every
 optimizer sees the same batches in the same order, and validation uses a fixed
 list of batches from the held-out plays.
 """
@@ -14,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from kl_optax.benchmarks import gpt, shakespeare
+from kl_optax import datasets, models
 
 __all__ = ["Workload", "add_arguments", "from_args"]
 
@@ -36,26 +38,22 @@ def add_arguments(parser: argparse.ArgumentParser, *, d_model: int = 64, layers:
 
 @dataclasses.dataclass
 class Workload:
-  corpus: shakespeare.Corpus
-  config: gpt.GPTConfig
+  corpus: datasets.Corpus
+  config: models.GPTConfig
   batches: Callable[[int], tuple[np.ndarray, np.ndarray]]
   val: list[tuple[np.ndarray, np.ndarray]]
   seed: int
 
-  def model(self):
+  def model(self) -> models.GPT:
     from flax import nnx  # pylint: disable=import-outside-toplevel
-    return gpt.GPT(self.config, nnx.Rngs(self.seed))
+    return models.GPT(self.config, nnx.Rngs(self.seed))
 
 
 def from_args(args: argparse.Namespace) -> Workload:
   """Loads the corpus and builds the configuration and batch streams of ``args``."""
-  corpus = shakespeare.load_corpus()
-  cfg = gpt.GPTConfig(corpus.vocab_size, context=args.context, d_model=args.d_model,
-                      n_layers=args.layers, n_heads=args.heads)
-
-  def batches(step):
-    return corpus.batch(np.random.default_rng([args.seed, step]), args.batch, args.context)
-
-  val_rng = np.random.default_rng([args.seed, 10**6])
-  val = [corpus.batch(val_rng, args.batch, args.context, "val") for _ in range(args.val_batches)]
+  corpus = datasets.load_corpus()
+  cfg = models.GPTConfig(corpus.vocab_size, context=args.context, d_model=args.d_model,
+                         n_layers=args.layers, n_heads=args.heads)
+  batches = corpus.batches(args.seed, args.batch, args.context)
+  val = corpus.validation_batches(args.seed, args.batch, args.context, args.val_batches)
   return Workload(corpus, cfg, batches, val, args.seed)

@@ -1,0 +1,121 @@
+"""Reading an optimizer state for logging: refresh and skip counters, Kronecker states.
+
+Every function here walks the state once with :func:`_counters`, which
+finds the :class:`~kl_optax.KronTransformState` and non-finite guard states
+wherever they sit (under ``optax.chain``, ``partition``,
+``inject_hyperparams``, ``MultiSteps``, …).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from kl_optax import trees
+from kl_optax.state import (
+    NONFINITE_SKIPS,
+    REFRESHES,
+    KronState,
+    KronTransformState,
+    SkipNonFiniteState,
+    ZeroNonFiniteState,
+)
+
+__all__ = ["adam_states", "group_name", "kron_states", "nonfinite_skips", "refresh_counts"]
+
+_STATES = (KronTransformState, SkipNonFiniteState, ZeroNonFiniteState)
+
+
+def group_name(group: KronState) -> str:
+  """The name of a stacked shape group in logs: its tensor shape, ``"<d_1>x<d_2>…"``."""
+  return "x".join(str(f.shape[-1]) for f in group.factors)
+
+
+def _counters(opt_state, slot: str) -> dict[str, Any]:
+  """Per-leaf counters of the guards and, per shape group, the Kronecker slot ``slot``."""
+  out: dict[str, Any] = {}
+  for node in trees.find_states(opt_state, _STATES):
+    if isinstance(node, KronTransformState):
+      out.update({group_name(g): g.slots[slot] for g in node.groups if slot in g.slots})
+    elif slot == NONFINITE_SKIPS:
+      counts = node.skips if isinstance(node, SkipNonFiniteState) else node.counts
+      for path, count in jax.tree_util.tree_flatten_with_path(counts)[0]:
+        concrete = not isinstance(count, jax.core.Tracer)
+        out[trees.leaf_path(path)] = int(count) if concrete else count
+  return out
+
+
+def kron_states(opt_state) -> list[KronTransformState]:
+  """Every :class:`KronTransformState` inside an optimizer state (e.g. under ``optax.partition``).
+
+  Examples:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> tx = kl_optax.kl_shampoo(1e-3)
+    >>> state = tx.init({'w': jnp.zeros((4, 3)), 'b': jnp.zeros(3)})
+    >>> [kl_optax.inspection.group_name(g) for g in kl_optax.kron_states(state)[0].groups]
+    ['4x3']
+  """
+  return trees.find_states(opt_state, KronTransformState)
+
+
+def adam_states(opt_state) -> list[Any]:
+  """Every ``optax.ScaleByAdamState`` inside an optimizer state: the fallback's moments.
+
+  In a recipe's state there is one, holding AdamW's ``mu`` and ``nu`` for the
+  leaves routed to the fallback (other leaves are ``optax.MaskedNode``).
+
+  Examples:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> tx = kl_optax.kl_shampoo(1e-3)
+    >>> state = tx.init({'w': jnp.zeros((4, 3)), 'b': jnp.zeros(3)})
+    >>> kl_optax.adam_states(state)[0].mu['b'].shape
+    (3,)
+  """
+  return trees.find_states(opt_state, optax.ScaleByAdamState)
+
+
+def refresh_counts(opt_state) -> dict[str, jax.Array]:
+  """Basis refreshes performed so far, per shape group, for logging.
+
+  Returns:
+    ``{"<d_1>x<d_2>…": counts}`` with ``counts`` of shape
+    ``(tensors in the group, modes)``: how many times each factor's basis was
+    refreshed (the slot ``'refreshes'`` of the refresh parts). Groups whose
+    parts keep no count are left out.
+
+  Examples:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> tx = kl_optax.kl_shampoo(1e-3, precondition_frequency=1)
+    >>> params = {'w': jnp.zeros((4, 3))}
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   _, state = tx.update({'w': jnp.ones((4, 3))}, state, params)
+    >>> kl_optax.refresh_counts(state)['4x3'].tolist()
+    [[2, 2]]
+  """
+  return _counters(opt_state, REFRESHES)
+
+
+def nonfinite_skips(opt_state) -> dict[str, Any]:
+  """Steps skipped because of non-finite values, for logging.
+
+  Returns:
+    ``{leaf path: count}`` from :func:`kl_optax.zero_nonfinite` (the recipes'
+    AdamW leaves: steps with non-finite entries) or
+    :func:`kl_optax.skip_nonfinite` (steps skipped), and
+    ``{"<d_1>x<d_2>…": counts}`` per Kronecker shape group (steps skipped, one
+    count per stacked tensor or block), whichever the state holds.
+
+  Examples:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> tx = kl_optax.kl_shampoo(1e-3)
+    >>> params = {'w': jnp.zeros((4, 3)), 'b': jnp.zeros(3)}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'w': jnp.full((4, 3), jnp.nan), 'b': jnp.ones(3)}, state, params)
+    >>> skips = kl_optax.nonfinite_skips(state)
+    >>> skips["['b']"], skips['4x3'].tolist()
+    (0, [1])
+  """
+  return _counters(opt_state, NONFINITE_SKIPS)

@@ -1,0 +1,214 @@
+"""The static options of the recipes: one object for the layout, one for the fallback.
+
+A recipe's numeric hyperparameters (``b1``, ``b2``, ``eps``, ``init_factor``,
+…) are flat keywords, as in optax, so that ``optax.inject_hyperparams`` can
+schedule them. Choices that decide *which* tensors are preconditioned, how
+they are cut and stored, and the settings of the AdamW that takes every other
+leaf are not hyperparameters: they live in two small frozen objects,
+
+* :class:`Layout` — ``precondition_mask``, ``weight_decay_mask``,
+  ``max_precond_dim``, ``block_size``, ``state_dtype``;
+* :class:`Fallback` — AdamW's ``learning_rate``, ``b1``, ``b2``, ``eps``,
+  ``weight_decay``;
+
+validated once, when they are made. ``optax.inject_hyperparams`` passes such
+objects through as static arguments, so a callable mask inside a ``Layout`` is
+never mistaken for a schedule.
+
+The keywords these objects replaced (``precondition_mask=``,
+``adam_b1=``, …) are still accepted by every recipe; they raise a
+``DeprecationWarning`` that names the replacement (:func:`resolve`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import jax
+
+from kl_optax import routing
+from kl_optax import validation
+
+__all__ = ["Fallback", "Layout", "resolve"]
+
+# Old keyword -> field of Layout / Fallback.
+_LAYOUT_KEYWORDS = ("precondition_mask", "weight_decay_mask", "max_precond_dim", "block_size",
+                    "state_dtype")
+_FALLBACK_KEYWORDS = {"adam_learning_rate": "learning_rate", "adam_b1": "b1", "adam_b2": "b2",
+                      "adam_eps": "eps", "adam_weight_decay": "weight_decay"}
+
+
+def _check_mask(name: str, mask: Any) -> None:
+  if mask is None or callable(mask):
+    return
+  for leaf in jax.tree.leaves(mask):
+    if isinstance(leaf, (jax.Array, jax.core.Tracer)):
+      raise TypeError(
+          f"Layout.{name} must be a pytree of Python bools or a function of the params; "
+          f"got an array ({leaf!r}). Was a callable mask evaluated as a schedule by "
+          "optax.inject_hyperparams? Pass it inside kl_optax.Layout(...).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Which leaves get a Kronecker preconditioner, how they are cut, how state is stored.
+
+  Routing, leaf by leaf (:func:`kl_optax.kron_labels`): size-1 dims are
+  squeezed; a leaf whose remaining dims number at least two and that
+  ``precondition_mask`` does not exclude gets the Kronecker preconditioner
+  when its dims are all ≤ ``max_precond_dim``; with ``block_size`` set, larger
+  dims are cut into blocks of at most ``block_size`` (each block
+  preconditioned on its own), without it such tensors go to the fallback.
+  Very thin tensors, whose factors would hold more than 64 times their own
+  entries (4096 × 2, say), go to the fallback. Scalars, vectors (biases, norm
+  scales) and excluded leaves (embeddings and output heads are usually better
+  there) go to the fallback AdamW (:class:`Fallback`). Non-floating leaves
+  raise an error naming the leaf.
+
+  Attributes:
+    precondition_mask: a pytree of bools (a prefix of the params is enough),
+      or a function of the params returning one (see
+      :func:`kl_optax.exclude`); ``False`` sends a leaf to the fallback.
+      ``None``: every eligible leaf is preconditioned.
+    weight_decay_mask: where weight decay applies, in both branches, in the
+      same forms (``None``: everywhere).
+    max_precond_dim: the largest dim preconditioned whole.
+    block_size: cut dims larger than ``max_precond_dim`` into blocks of at
+      most this length, each with its own preconditioner (``None``: such
+      tensors go to the fallback instead). At most ``max_precond_dim``.
+    state_dtype: storage dtype of moments, factors and bases (``None``:
+      float32; ``jnp.bfloat16`` halves their memory). Eigenvalue estimates
+      are always float32, and all computation is float32.
+
+  Examples:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> layout = kl_optax.Layout(precondition_mask=kl_optax.exclude('head'))
+    >>> params = {'w': jnp.zeros((8, 4)), 'head': jnp.zeros((4, 10)), 'b': jnp.zeros(4)}
+    >>> layout.labels(params)
+    {'b': 'adam', 'head': 'adam', 'w': 'kron'}
+    >>> tx = kl_optax.kl_shampoo(1e-3, layout=layout)
+  """
+
+  precondition_mask: Any = None
+  weight_decay_mask: Any = None
+  max_precond_dim: int = routing.DEFAULT_MAX_PRECOND_DIM
+  block_size: int | None = None
+  state_dtype: Any = None
+
+  def __post_init__(self):
+    block_size, max_dim = validation.check_blocking(
+        self.block_size,
+        routing.DEFAULT_MAX_PRECOND_DIM if self.max_precond_dim is None else self.max_precond_dim)
+    object.__setattr__(self, "block_size", block_size)
+    object.__setattr__(self, "max_precond_dim", max_dim)
+    validation.storage_dtype(self.state_dtype)
+    _check_mask("precondition_mask", self.precondition_mask)
+    _check_mask("weight_decay_mask", self.weight_decay_mask)
+
+  def labels(self, params: Any) -> Any:
+    """``'kron'`` or ``'adam'`` per leaf of ``params`` (:func:`kl_optax.kron_labels`)."""
+    return routing.kron_labels(params, self.max_precond_dim, self.precondition_mask,
+                               block_size=self.block_size)
+
+  def transform_options(self) -> dict[str, Any]:
+    """The keywords of :func:`kl_optax.kron_transform` this layout sets."""
+    return dict(state_dtype=self.state_dtype, block_size=self.block_size,
+                max_precond_dim=self.max_precond_dim)
+
+  def without_masks(self) -> Layout:
+    """The same layout for a preconditioner, which routes nothing."""
+    return dataclasses.replace(self, precondition_mask=None, weight_decay_mask=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fallback:
+  """The AdamW that takes every leaf without a Kronecker preconditioner.
+
+  Attributes:
+    learning_rate: a float or an optax schedule (``None``: the recipe's).
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to the denominator.
+    weight_decay: decoupled weight decay (``None``: the recipe's).
+
+  Examples:
+    >>> import kl_optax
+    >>> tx = kl_optax.kl_shampoo(3e-3, fallback=kl_optax.Fallback(learning_rate=1e-3))
+  """
+
+  learning_rate: Any = None
+  b1: Any = 0.9
+  b2: Any = 0.999
+  eps: Any = 1e-8
+  weight_decay: Any = None
+
+  def __post_init__(self):
+    validation.check_range("Fallback.b1", self.b1, 0.0, 1.0)
+    validation.check_range("Fallback.b2", self.b2, 0.0, 1.0)
+    validation.check_range("Fallback.eps", self.eps, 0.0, None)
+    validation.check_range("Fallback.weight_decay", self.weight_decay, 0.0, None)
+
+
+def _warn(where: str, old: str, new: str) -> None:
+  warnings.warn(f"{where}: the keyword {old}= is deprecated; pass {new} instead.",
+                DeprecationWarning, stacklevel=4)
+
+
+def resolve(
+    where: str,
+    layout: Layout | None,
+    fallback: Fallback | None,
+    legacy: dict[str, Any],
+    *,
+    takes_fallback: bool = True,
+) -> tuple[Layout, Fallback | None]:
+  """The layout and fallback of a recipe call, with the old keywords folded in.
+
+  Args:
+    where: the recipe's name, for messages.
+    layout: the ``layout=`` argument (``None``: the default :class:`Layout`).
+    fallback: the ``fallback=`` argument (``None``: the default
+      :class:`Fallback`).
+    legacy: the other keywords the recipe received.
+    takes_fallback: whether the recipe has a fallback (``scale_by_*`` do not,
+      and take only the storage and blocking fields of a layout).
+
+  Raises:
+    TypeError: an unknown keyword, or an old keyword given together with the
+      object that replaced it.
+  """
+  legacy = dict(legacy)
+  nested = legacy.pop("legacy", None)
+  if isinstance(nested, dict):
+    # optax.inject_hyperparams binds a recipe's **legacy as one (static) argument.
+    legacy.update(nested)
+  layout_kw = {k: legacy.pop(k) for k in _LAYOUT_KEYWORDS if k in legacy}
+  fallback_kw = ({_FALLBACK_KEYWORDS[k]: legacy.pop(k) for k in list(legacy)
+                  if k in _FALLBACK_KEYWORDS} if takes_fallback else {})
+  if legacy:
+    raise TypeError(f"{where}() got unexpected keyword argument(s) {sorted(legacy)}.")
+  if layout_kw and layout is not None:
+    raise TypeError(f"{where}(): pass {sorted(layout_kw)} inside layout=, not beside it.")
+  if fallback_kw and fallback is not None:
+    raise TypeError(f"{where}(): pass {sorted(fallback_kw)} inside fallback=, not beside it.")
+  for k in layout_kw:
+    _warn(where, k, f"layout=kl_optax.Layout({k}=...)")
+  for old, new in _FALLBACK_KEYWORDS.items():
+    if new in fallback_kw:
+      _warn(where, old, f"fallback=kl_optax.Fallback({new}=...)")
+  if layout is not None and not isinstance(layout, Layout):
+    raise TypeError(f"{where}(): layout must be a kl_optax.Layout, got {type(layout).__name__}.")
+  if fallback is not None and not isinstance(fallback, Fallback):
+    raise TypeError(
+        f"{where}(): fallback must be a kl_optax.Fallback, got {type(fallback).__name__}.")
+  layout = Layout(**layout_kw) if layout is None else layout
+  if not takes_fallback:
+    if layout.precondition_mask is not None or layout.weight_decay_mask is not None:
+      raise ValueError(
+          f"{where} preconditions every leaf it is given and applies no weight decay: "
+          "its layout takes no masks. Use the complete recipe, or route leaves with "
+          "optax.partition.")
+    return layout, None
+  return layout, Fallback(**fallback_kw) if fallback is None else fallback

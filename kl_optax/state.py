@@ -1,0 +1,202 @@
+"""The state types every other module works on, and the names of their slots.
+
+This module imports nothing from the rest of the package. It defines:
+
+* :class:`KronState`: the preconditioner state of one tensor (factors, bases,
+  eigenvalue estimates and named slots);
+* :class:`TensorStep`: what flows through a sequence of parts during one step;
+* :class:`Part`: one building block (a pure ``TensorStep -> TensorStep``
+  function plus its initialization);
+* :class:`KronTransformState`: the state of :func:`kl_optax.kron_transform`,
+  one stacked :class:`KronState` per shape group;
+* :class:`SkipNonFiniteState` and :class:`ZeroNonFiniteState`: the states of
+  the non-finite guards of :mod:`kl_optax.safety`;
+* the slot names shared between modules (``MU``, ``REFRESHES``, …), so that a
+  part and the code that reads its slot never spell the name twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "FLAT",
+    "MU",
+    "MU_EIG",
+    "NONFINITE_SKIPS",
+    "NU_EIG",
+    "NU_GRAFT",
+    "REFRESHES",
+    "REFRESH_FAILURES",
+    "SPIKE_BASIS",
+    "SPIKE_EIGVALS",
+    "SPIKE_SKETCH",
+    "KronState",
+    "KronTransformState",
+    "Part",
+    "Shape",
+    "SkipNonFiniteState",
+    "ZeroNonFiniteState",
+    "TensorStep",
+    "init_kron_state",
+]
+
+Shape = tuple[int, ...]
+
+# Slots of the parts in kl_optax.parts.
+MU = "mu"                      # momentum in original coordinates
+MU_EIG = "mu_eig"              # first moment in the eigenbasis (SOAP, KL-SOAP)
+NU_EIG = "nu_eig"              # second moment in the eigenbasis
+NU_GRAFT = "nu_graft"          # Adam second moment of the grafting direction
+REFRESHES = "refreshes"        # basis refreshes performed, one count per mode
+REFRESH_FAILURES = "refresh_failures"  # refreshes discarded as non-finite, per mode
+# Slot of kron_transform itself.
+NONFINITE_SKIPS = "nonfinite_skips"    # steps a tensor skipped for non-finite values
+# Slots of the spike-and-flat factor (kl_optax.pro).
+SPIKE_BASIS = "spike_basis"    # U, n × r
+SPIKE_EIGVALS = "spike_eigvals"  # λ, r
+FLAT = "flat"                  # σ, a scalar
+SPIKE_SKETCH = "spike_sketch"  # the subspace accumulator Y, n × r
+
+
+class KronState(NamedTuple):
+  """Preconditioner state of one tensor ``G`` of shape ``(d_1, …, d_K)``.
+
+  Inside :func:`kl_optax.kron_transform` every field carries an extra leading
+  axis: the stack of all preconditioned tensors that share this shape.
+
+  Attributes:
+    factors: ``S_k``, one symmetric ``(d_k, d_k)`` matrix per mode.
+    bases: ``Q_k``, one ``(d_k, d_k)`` matrix with orthonormal columns per mode.
+    eigvals: ``λ_k``, one ``(d_k,)`` vector per mode: the eigenvalue estimates
+      of ``S_k`` in the basis ``Q_k``, as the optimizer currently knows them.
+      ``Ŝ_k⁻¹ = Q_k diag(λ_k)⁻¹ Q_kᵀ``.
+    slots: named buffers owned by individual parts (``'mu'``: momentum, …).
+  """
+
+  factors: tuple[jax.Array, ...]
+  bases: tuple[jax.Array, ...]
+  eigvals: tuple[jax.Array, ...]
+  slots: dict[str, jax.Array]
+
+  def with_slots(self, **values: jax.Array) -> KronState:
+    """A copy with the given slots set (others kept).
+
+    Examples:
+      >>> import jax.numpy as jnp, kl_optax
+      >>> st = kl_optax.init_kron_state((2, 3)).with_slots(mu=jnp.ones((2, 3)))
+      >>> sorted(st.slots)
+      ['mu']
+    """
+    return self._replace(slots={**self.slots, **values})
+
+
+class TensorStep(NamedTuple):
+  """The values a part reads and returns during one step of one tensor.
+
+  Attributes:
+    state: the tensor's :class:`KronState` (float32).
+    grad: this step's gradient, squeezed to the tensor's shape, float32.
+    update: the running output of the sequence; starts equal to ``grad``.
+    count: the step number ``t`` (int32 scalar): ``0`` on the initialization
+      step, ``1`` on the first real update, and so on.
+  """
+
+  state: KronState
+  grad: jax.Array
+  update: jax.Array
+  count: jax.Array
+
+
+class Part(NamedTuple):
+  """One building block of a Kronecker-factored optimizer.
+
+  Attributes:
+    update: ``TensorStep -> TensorStep`` for the steps ``t ≥ 1``.
+    first_update: ``TensorStep -> TensorStep`` for the initialization step
+      ``t = 0`` (``None``: the part does nothing then). The update returned by
+      the whole sequence at ``t = 0`` is zero whatever this function does.
+    init_slots: ``shape -> {name: array}``, the slots the part owns for a tensor
+      of that shape (``None``: no slots).
+    name: a short description, used in error messages.
+    init_state: ``KronState -> KronState`` applied to the initial state after
+      the slots are created (``None``: nothing). A part that keeps a mode's
+      factor in another form (:func:`kl_optax.spike_flat_projection`) uses it
+      to replace that mode's dense factor, basis and eigenvalues by empty
+      placeholders.
+  """
+
+  update: Callable[[TensorStep], TensorStep]
+  first_update: Callable[[TensorStep], TensorStep] | None = None
+  init_slots: Callable[[Shape], dict[str, jax.Array]] | None = None
+  name: str = "part"
+  init_state: Callable[[KronState], KronState] | None = None
+
+  def __call__(self, step: TensorStep) -> TensorStep:
+    return self.update(step)
+
+
+class KronTransformState(NamedTuple):
+  """State of :func:`kl_optax.kron_transform`.
+
+  Attributes:
+    count: number of updates applied so far (int32). The update with
+      ``count == 0`` is the initialization step.
+    groups: one stacked :class:`KronState` per distinct tensor (block) shape,
+      in order of first appearance among the leaves; every field has a
+      leading axis over the tensors of that group. An empty tuple when no
+      leaf is preconditioned. (Initialized with the leafless placeholder of
+      ``optax.tree.map_params``, an empty array, which iterates like an empty
+      tuple.)
+  """
+
+  count: jax.Array
+  groups: tuple[KronState, ...]
+
+
+class SkipNonFiniteState(NamedTuple):
+  """State of :func:`kl_optax.skip_nonfinite`.
+
+  Attributes:
+    skips: per leaf of the gradients, the number of steps it skipped (int32).
+    inner_state: the wrapped transformation's state.
+  """
+
+  skips: Any
+  inner_state: Any
+
+
+class ZeroNonFiniteState(NamedTuple):
+  """State of :func:`kl_optax.zero_nonfinite`.
+
+  Attributes:
+    counts: per leaf, the number of steps in which its gradient had non-finite
+      entries (int32).
+  """
+
+  counts: Any
+
+
+def init_kron_state(shape: Shape, slots: Mapping[str, jax.Array] | None = None) -> KronState:
+  """The state of one tensor before its first update.
+
+  Factors are zero, bases the identity and eigenvalue estimates one; the
+  initialization step (``Part.first_update`` of the parts) replaces them.
+
+  Examples:
+    >>> import kl_optax
+    >>> st = kl_optax.init_kron_state((3, 4))
+    >>> [s.shape for s in st.factors]
+    [(3, 3), (4, 4)]
+  """
+  f32 = jnp.float32
+  return KronState(
+      factors=tuple(jnp.zeros((d, d), f32) for d in shape),
+      bases=tuple(jnp.eye(d, dtype=f32) for d in shape),
+      eigvals=tuple(jnp.ones((d,), f32) for d in shape),
+      slots=dict(slots or {}),
+  )

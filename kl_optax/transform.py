@@ -1,0 +1,305 @@
+"""Turning a sequence of parts into an optax transformation.
+
+:func:`kron_transform` is the one wrapper every recipe is built with. One
+update is a pipeline of named steps:
+
+1. :func:`kl_optax.plan_tensors` squeezes size-1 dims, cuts large dims into
+   blocks and groups same-shape tensors; the state is checked against the plan;
+2. :func:`kl_optax.plan.pack` stacks the gradients per group (on a mesh:
+   padded, then moved to the devices that own them);
+3. the stored state is cast to float32;
+4. one ``lax.cond`` picks the initialization step (``count == 0``:
+   :func:`_initialize_tensor`) or the regular step (:func:`_update_tensor`),
+   each run on every tensor of every group by
+   :func:`kl_optax.sharding.map_stacks` (``vmap``, per device under a mesh),
+   and each guarded against non-finite values (:func:`_guard`);
+5. the state is cast back to its storage dtype and the updates are unpacked
+   into the gradients' shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec
+
+from kl_optax import plan as plan_lib
+from kl_optax import sharding
+from kl_optax import trees
+from kl_optax import validation
+from kl_optax.state import NONFINITE_SKIPS, KronState, KronTransformState, Part, TensorStep, init_kron_state
+
+__all__ = ["kron_transform"]
+
+
+class _Config(NamedTuple):
+  """The static choices of one :func:`kron_transform`."""
+
+  parts: tuple[Part, ...]
+  dtype: Any
+  block_size: int | None
+  max_precond_dim: int | None
+
+  def plan(self, tree, where: str) -> plan_lib.TensorPlan:
+    return plan_lib.plan_tensors(tree, where, self.max_precond_dim, self.block_size)
+
+
+# ----------------------------------------------------------------------------
+# One tensor
+# ----------------------------------------------------------------------------
+
+
+def _tensor_state(parts: tuple[Part, ...], shape: tuple[int, ...]) -> KronState:
+  """The initial state of one tensor: the parts' slots, the skip counter, their hooks."""
+  slots: dict[str, jax.Array] = {}
+  for p in parts:
+    for name, value in (p.init_slots(shape) if p.init_slots is not None else {}).items():
+      if name in slots and slots[name].shape != value.shape:
+        raise ValueError(
+            f"kron_transform: two parts declare slot {name!r} with different "
+            f"shapes ({slots[name].shape} and {value.shape}).")
+      slots[name] = value
+  slots[NONFINITE_SKIPS] = jnp.zeros((), jnp.int32)
+  state = init_kron_state(shape, slots)
+  for p in parts:
+    if p.init_state is not None:
+      state = p.init_state(state)
+  return state
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _guard(old: KronState, new: KronState, ok: jax.Array, finite: jax.Array) -> KronState:
+  """``new`` where ``ok``, else ``old``; a skip is counted unless ``ok & finite``."""
+  kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  skips = old.slots[NONFINITE_SKIPS] + (~(ok & finite)).astype(jnp.int32)
+  return kept.with_slots(**{NONFINITE_SKIPS: skips})
+
+
+def _run(fns, state: KronState, grad: jax.Array, count: jax.Array) -> TensorStep:
+  step = TensorStep(state, grad, grad, count)
+  for fn in fns:
+    step = fn(step)
+  return step
+
+
+def _initialize_tensor(parts, state: KronState, grad: jax.Array, count: jax.Array):
+  """The initialization step of one tensor: statistics from ``grad``, zero update.
+
+  A non-finite gradient initializes from zeros.
+  """
+  finite = jnp.all(jnp.isfinite(grad))
+  grad = jnp.where(finite, grad, 0.0)
+  fns = [p.first_update for p in parts if p.first_update is not None]
+  new = _run(fns, state, grad, count).state
+  return _guard(state, new, _all_finite(new), finite), jnp.zeros_like(grad)
+
+
+def _update_tensor(parts, state: KronState, grad: jax.Array, count: jax.Array):
+  """A regular step of one tensor.
+
+  A non-finite gradient, or statistics or an update that overflowed: the
+  tensor skips the step (state kept, zero update).
+  """
+  finite = jnp.all(jnp.isfinite(grad))
+  grad = jnp.where(finite, grad, 0.0)
+  out = _run([p.update for p in parts], state, grad, count)
+  ok = finite & _all_finite(out.state) & jnp.all(jnp.isfinite(out.update))
+  return _guard(state, out.state, ok, finite), jnp.where(ok, out.update, 0.0)
+
+
+# ----------------------------------------------------------------------------
+# Stacks
+# ----------------------------------------------------------------------------
+
+
+def _run_groups(tensor_fn, parts, states, grads, count):
+  """``tensor_fn`` on every tensor of every group; returns new states and updates."""
+  results = [sharding.map_stacks(functools.partial(tensor_fn, parts), st, g, count)
+             for st, g in zip(states, grads)]
+  return tuple(r[0] for r in results), tuple(r[1] for r in results)
+
+
+def _cast_state(state: KronState, dtype) -> KronState:
+  """Casts factors, bases and floating slots; eigenvalue estimates stay float32."""
+
+  def cast(x):
+    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+  return KronState(
+      factors=tuple(cast(x) for x in state.factors),
+      bases=tuple(cast(x) for x in state.bases),
+      eigvals=tuple(x.astype(jnp.float32) for x in state.eigvals),
+      slots={k: cast(v) for k, v in state.slots.items()},
+  )
+
+
+def _pack_gradients(tensor_plan, leaves, padded) -> tuple[jax.Array, ...]:
+  """The gradient stacks; on a mesh, whole tensors move to the devices that own them."""
+  grads = plan_lib.pack(tensor_plan, leaves, padded)
+  mesh = sharding.context_mesh()
+  if mesh is None:
+    return grads
+  grads = tuple(sharding.constrain(g, PartitionSpec()) for g in grads)
+  return tuple(sharding.constrain(g, sharding.stack_spec(g.shape[0], g.ndim, mesh))
+               for g in grads)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _step(config: _Config, tensor_plan, padded, leaves, groups, count):
+  """Pack, cast up, initialize or update every tensor, cast down, unpack.
+
+  Jitted on its own (the static choices, the plan and the stack sizes are its
+  cache key), so that an un-jitted ``update`` compiles once instead of tracing
+  and compiling its ``lax.cond`` branches on every call; under an outer
+  ``jit`` it is inlined.
+  """
+  grads = _pack_gradients(tensor_plan, leaves, padded)
+  states = tuple(_cast_state(g, jnp.float32) for g in groups)
+  new_states, outs = jax.lax.cond(
+      count == 0,
+      functools.partial(_run_groups, _initialize_tensor, config.parts),
+      functools.partial(_run_groups, _update_tensor, config.parts),
+      states, grads, count,
+  )
+  new_states = tuple(_cast_state(s, config.dtype) for s in new_states)
+  if sharding.context_mesh() is not None:
+    outs = tuple(sharding.constrain(o, PartitionSpec()) for o in outs)
+  return plan_lib.unpack(tensor_plan, outs, leaves), new_states
+
+
+# ----------------------------------------------------------------------------
+# init and update
+# ----------------------------------------------------------------------------
+
+
+def _is_placeholder(params) -> bool:
+  """Whether ``params`` is a single opaque pytree node without leaves.
+
+  ``optax.tree.map_params`` initializes with such a placeholder to find the
+  parameter-shaped parts of a state.
+  """
+  containers = (dict, list, tuple, type(None), optax.MaskedNode)
+  return not jax.tree.leaves(params, is_leaf=trees.is_masked) and not isinstance(params, containers)
+
+
+def _init(config: _Config, params) -> KronTransformState:
+  tensor_plan = config.plan(params, "kron_transform.init")
+  count = jnp.zeros([], jnp.int32)
+  if _is_placeholder(params):
+    # The groups are unknown; an empty array leaf is a prefix of any groups, so
+    # that map_params leaves the stacks (which are not parameter-shaped) alone.
+    return KronTransformState(count=count, groups=jnp.zeros((0,), jnp.float32))
+  mesh = sharding.context_mesh()
+  groups = []
+  for shape, n in zip(tensor_plan.group_shapes, tensor_plan.group_sizes):
+    n = sharding.padded_stack_size(n, mesh)
+    one = _cast_state(_tensor_state(config.parts, shape), config.dtype)
+    stack = jax.tree.map(lambda x, n=n: jnp.broadcast_to(x, (n,) + x.shape), one)
+    if mesh is not None:
+      stack = jax.tree.map(
+          lambda x: sharding.constrain(x, sharding.stack_spec(x.shape[0], x.ndim, mesh)), stack)
+    groups.append(stack)
+  return KronTransformState(count=count, groups=tuple(groups))
+
+
+def _update(config: _Config, updates, state: KronTransformState, params=None, **extra_args):
+  del params, extra_args
+  tensor_plan = config.plan(updates, "kron_transform.update")
+  count = optax.safe_increment(state.count)
+  if not tensor_plan.group_sizes:
+    return updates, KronTransformState(count=count, groups=state.groups)
+  mesh = sharding.context_mesh()
+  plan_lib.check_matches_state(tensor_plan, state.groups, mesh.size if mesh is not None else None)
+  leaves = tensor_plan.treedef.flatten_up_to(updates)
+  padded = tuple(g.factors[0].shape[0] for g in state.groups)
+  step = functools.partial(_step, config, tensor_plan, padded)
+  if mesh is not None and sharding.has_explicit_axes(mesh):
+    # Inside auto_axes the context mesh has the same axes, typed Auto.
+    leaf_specs = [jax.typeof(x).sharding.spec for x in leaves]
+    state_specs = jax.tree.map(
+        lambda x: sharding.stack_spec(x.shape[0], x.ndim, mesh), state.groups)
+    step = jax.sharding.auto_axes(step, out_sharding=(leaf_specs, state_specs))
+  new_leaves, new_states = step(leaves, state.groups, state.count)
+  return (tensor_plan.treedef.unflatten(list(new_leaves)),
+          KronTransformState(count=count, groups=tuple(new_states)))
+
+
+def kron_transform(
+    *parts: Part,
+    state_dtype: Any = None,
+    block_size: int | None = None,
+    max_precond_dim: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds an optax transformation from a sequence of :class:`~kl_optax.Part`.
+
+  Every leaf of the tree the transformation is applied to is preconditioned:
+  size-1 dims are squeezed and what remains must have order ≥ 2 (route other
+  leaves elsewhere with ``optax.partition``, as the recipes do). With
+  ``block_size``, dims larger than ``max_precond_dim`` are cut into blocks of
+  at most ``block_size`` and every block gets its own preconditioner. Tensors
+  (blocks) of the same shape are stacked and processed together: one
+  ``vmap``-ed step per shape group, however deep the model.
+
+  On the first update (``count == 0``) each part's ``first_update`` runs (the
+  statistics are initialized from this gradient) and the returned update is
+  zero. On every later update the parts' ``update`` functions run in the given
+  order and the final running update is returned, cast to each gradient's
+  dtype.
+
+  Non-finite values never enter the state: a tensor (block) whose gradient
+  is not finite, or whose new statistics or update would not be finite
+  (overflow), keeps its previous state for the step and gets a zero update;
+  the slot ``'nonfinite_skips'`` counts such steps per tensor. On the first
+  update a non-finite gradient initializes the statistics from zeros.
+
+  Under ``jax.set_mesh(mesh)`` the stacks are padded to a multiple of the
+  number of devices and sharded along their leading axis; each device runs
+  the parts on its share of the tensors (see :mod:`kl_optax.sharding`).
+
+  Args:
+    *parts: the parts, in the order they run.
+    state_dtype: storage dtype of factors, bases and floating slots (``None``:
+      float32; ``jnp.bfloat16`` halves their memory). Eigenvalue estimates
+      are always float32. All computation is float32.
+    block_size: cut dims larger than ``max_precond_dim`` into blocks of this
+      length (``None``: no blocking). Static.
+    max_precond_dim: the largest dim kept whole when ``block_size`` is set
+      (``None``: ``block_size``). Static.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (extra keyword arguments of
+    ``update`` are accepted and ignored).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, kl_optax
+    >>> tx = kl_optax.kron_transform(
+    ...     kl_optax.momentum(0.9),
+    ...     kl_optax.whiten(1e-8),
+    ...     kl_optax.kl_factor_update(0.98),
+    ...     kl_optax.ema_eigenvalues(0.98),
+    ...     kl_optax.qr_basis_refresh(10))
+    >>> params = {'w': jnp.ones((4, 3))}
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.arange(12.0).reshape(4, 3)}
+    >>> updates, state = tx.update(grads, state)   # initialization: zero update
+    >>> float(jnp.abs(updates['w']).max())
+    0.0
+  """
+  for i, p in enumerate(parts):
+    if not isinstance(p, Part):
+      raise TypeError(
+          f"kron_transform: argument {i} is a {type(p).__name__}, not a kl_optax.Part.")
+  block_size, max_precond_dim = validation.check_blocking(block_size, max_precond_dim)
+  config = _Config(tuple(parts), validation.storage_dtype(state_dtype), block_size,
+                   max_precond_dim)
+  return optax.GradientTransformationExtraArgs(
+      functools.partial(_init, config), functools.partial(_update, config))
