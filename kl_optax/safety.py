@@ -24,8 +24,6 @@ step whenever any gradient is bad, wrap the optimizer in
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
