@@ -6,9 +6,9 @@ schedule them. Choices that decide *which* tensors are preconditioned, how
 they are cut and stored, and the settings of the AdamW that takes every other
 leaf are not hyperparameters: they live in two small frozen objects,
 
-* :class:`Layout` — ``precondition_mask``, ``weight_decay_mask``,
+* ``Layout`` — ``precondition_mask``, ``weight_decay_mask``,
   ``max_precond_dim``, ``block_size``, ``state_dtype``;
-* :class:`Fallback` — AdamW's ``learning_rate``, ``b1``, ``b2``, ``eps``,
+* ``Fallback`` — AdamW's ``learning_rate``, ``b1``, ``b2``, ``eps``,
   ``weight_decay``;
 
 validated once, when they are made. ``optax.inject_hyperparams`` passes such
@@ -17,7 +17,7 @@ never mistaken for a schedule.
 
 The keywords these objects replaced (``precondition_mask=``,
 ``adam_b1=``, …) are still accepted by every recipe; they raise a
-``DeprecationWarning`` that names the replacement (:func:`resolve`).
+``DeprecationWarning`` that names the replacement (``resolve``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _check_mask(name: str, mask: Any) -> None:
 class Layout:
   """Which leaves get a Kronecker preconditioner, how they are cut, how state is stored.
 
-  Routing, leaf by leaf (:func:`kl_optax.kron_labels`): size-1 dims are
+  Routing, leaf by leaf (``kl_optax.kron_labels``): size-1 dims are
   squeezed; a leaf whose remaining dims number at least two and that
   ``precondition_mask`` does not exclude gets the Kronecker preconditioner
   when its dims are all ≤ ``max_precond_dim``; with ``block_size`` set, larger
@@ -64,13 +64,13 @@ class Layout:
   Very thin tensors, whose factors would hold more than 64 times their own
   entries (4096 × 2, say), go to the fallback. Scalars, vectors (biases, norm
   scales) and excluded leaves (embeddings and output heads are usually better
-  there) go to the fallback AdamW (:class:`Fallback`). Non-floating leaves
+  there) go to the fallback AdamW (``Fallback``). Non-floating leaves
   raise an error naming the leaf.
 
   Attributes:
     precondition_mask: a pytree of bools (a prefix of the params is enough),
       or a function of the params returning one (see
-      :func:`kl_optax.exclude`); ``False`` sends a leaf to the fallback.
+      ``kl_optax.exclude``); ``False`` sends a leaf to the fallback.
       ``None``: every eligible leaf is preconditioned.
     weight_decay_mask: where weight decay applies, in both branches, in the
       same forms (``None``: everywhere).
@@ -108,12 +108,12 @@ class Layout:
     _check_mask("weight_decay_mask", self.weight_decay_mask)
 
   def labels(self, params: Any) -> Any:
-    """``'kron'`` or ``'adam'`` per leaf of ``params`` (:func:`kl_optax.kron_labels`)."""
+    """``'kron'`` or ``'adam'`` per leaf of ``params`` (``kl_optax.kron_labels``)."""
     return routing.kron_labels(params, self.max_precond_dim, self.precondition_mask,
                                block_size=self.block_size)
 
   def transform_options(self) -> dict[str, Any]:
-    """The keywords of :func:`kl_optax.kron_transform` this layout sets."""
+    """The keywords of ``kl_optax.kron_transform`` this layout sets."""
     return dict(state_dtype=self.state_dtype, block_size=self.block_size,
                 max_precond_dim=self.max_precond_dim)
 
@@ -168,9 +168,9 @@ def resolve(
 
   Args:
     where: the recipe's name, for messages.
-    layout: the ``layout=`` argument (``None``: the default :class:`Layout`).
+    layout: the ``layout=`` argument (``None``: the default ``Layout``).
     fallback: the ``fallback=`` argument (``None``: the default
-      :class:`Fallback`).
+      ``Fallback``).
     legacy: the other keywords the recipe received.
     takes_fallback: whether the recipe has a fallback (``scale_by_*`` do not,
       and take only the storage and blocking fields of a layout).

@@ -5,13 +5,13 @@ weight decay) and accepts only tensors that can carry a Kronecker
 preconditioner; ``<algo>`` is the complete optimizer: the preconditioner chained
 with decoupled weight decay and the learning rate, and routed with
 ``optax.partition`` so that every other leaf goes to AdamW
-(:func:`with_adam_fallback`).
+(``with_adam_fallback``).
 
 Numeric hyperparameters are flat keywords (schedulable with
 ``optax.inject_hyperparams``); the static choices are two objects,
 ``layout=kl_optax.Layout(...)`` (routing, blocking, storage dtype) and
 ``fallback=kl_optax.Fallback(...)`` (AdamW's settings). Every recipe is
-listed, with what its tests and benchmarks need, in :data:`RECIPES`.
+listed, with what its tests and benchmarks need, in ``RECIPES``.
 """
 
 from __future__ import annotations
@@ -26,19 +26,19 @@ import optax
 from kl_optax import parts as P
 from kl_optax import pro
 from kl_optax import routing
-from kl_optax.options import Fallback, Layout, resolve
-from kl_optax.safety import check_gradients, zero_nonfinite
-from kl_optax.state import MU_EIG, NU_EIG
-from kl_optax.transform import kron_transform
-from kl_optax.validation import check_range, static_int
+from kl_optax import options
+from kl_optax import safety
+from kl_optax import validation
+from kl_optax import state as state_lib
+from kl_optax import transform
 
 
 
 def _check_common(b1, b2, eps, precondition_frequency):
-  check_range("b1", b1, 0.0, 1.0)
-  check_range("b2", b2, 0.0, 1.0)
-  check_range("eps", eps, 0.0, None)
-  check_range("precondition_frequency", precondition_frequency, 1.0, None)
+  validation.check_range("b1", b1, 0.0, 1.0)
+  validation.check_range("b2", b2, 0.0, 1.0)
+  validation.check_range("eps", eps, 0.0, None)
+  validation.check_range("precondition_frequency", precondition_frequency, 1.0, None)
 
 
 def scale_by_kl_shampoo(
@@ -51,7 +51,7 @@ def scale_by_kl_shampoo(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    layout: Layout | None = None,
+    layout: options.Layout | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by KL-Shampoo's Kronecker preconditioner.
@@ -115,11 +115,11 @@ def scale_by_kl_shampoo(
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
-  layout, _ = resolve("scale_by_kl_shampoo", layout, None, legacy, takes_fallback=False)
+  layout, _ = options.resolve("scale_by_kl_shampoo", layout, None, legacy, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
-  check_range("init_factor", init_factor, 0.0, None, low_open=True)
-  check_range("max_clamp", max_clamp, 1.0, None)
-  return kron_transform(
+  validation.check_range("init_factor", init_factor, 0.0, None, low_open=True)
+  validation.check_range("max_clamp", max_clamp, 1.0, None)
+  return transform.kron_transform(
       P.momentum(b1),
       P.whiten(eps),
       P.kl_factor_update(b2),
@@ -135,8 +135,8 @@ def with_adam_fallback(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: Any = 0.0,
     *,
-    layout: Layout | None = None,
-    fallback: Fallback | None = None,
+    layout: options.Layout | None = None,
+    fallback: options.Fallback | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Completes a preconditioner into an optimizer and routes other leaves to AdamW.
@@ -174,8 +174,8 @@ def with_adam_fallback(
     >>> tx = kl_optax.with_adam_fallback(kl_optax.scale_by_kl_shampoo(), 1e-3, 0.01)
     >>> state = tx.init({'w': jnp.zeros((8, 4)), 'b': jnp.zeros(4)})
   """
-  layout, fallback = resolve("with_adam_fallback", layout, fallback, legacy)
-  check_range("weight_decay", weight_decay, 0.0, None)
+  layout, fallback = options.resolve("with_adam_fallback", layout, fallback, legacy)
+  validation.check_range("weight_decay", weight_decay, 0.0, None)
   kron_branch = optax.chain(
       preconditioner,
       optax.add_decayed_weights(weight_decay, layout.weight_decay_mask),
@@ -191,8 +191,8 @@ def with_adam_fallback(
   )
   # The Kronecker branch guards its own state per tensor (kron_transform); the
   # AdamW branch zeroes non-finite gradient entries (elementwise, fused).
-  return check_gradients(optax.partition(
-      {routing.KRON: kron_branch, routing.FALLBACK: optax.chain(zero_nonfinite(), adam_branch)},
+  return safety.check_gradients(optax.partition(
+      {routing.KRON: kron_branch, routing.FALLBACK: optax.chain(safety.zero_nonfinite(), adam_branch)},
       layout.labels))
 
 
@@ -208,8 +208,8 @@ def kl_shampoo(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    layout: Layout | None = None,
-    fallback: Fallback | None = None,
+    layout: options.Layout | None = None,
+    fallback: options.Fallback | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""KL-Shampoo: Shampoo's Kronecker factors fitted by KL minimization.
@@ -261,7 +261,7 @@ def kl_shampoo(
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
-  layout, fallback = resolve("kl_shampoo", layout, fallback, legacy)
+  layout, fallback = options.resolve("kl_shampoo", layout, fallback, legacy)
   return with_adam_fallback(
       scale_by_kl_shampoo(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                           refresh_tolerance=refresh_tolerance,
@@ -279,7 +279,7 @@ def scale_by_kl_soap(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    layout: Layout | None = None,
+    layout: options.Layout | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by KL-SOAP: Adam in the eigenbasis of KL-fitted factors.
@@ -330,16 +330,16 @@ def scale_by_kl_soap(
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
-  layout, _ = resolve("scale_by_kl_soap", layout, None, legacy, takes_fallback=False)
+  layout, _ = options.resolve("scale_by_kl_soap", layout, None, legacy, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
-  check_range("init_factor", init_factor, 0.0, None, low_open=True)
-  check_range("max_clamp", max_clamp, 1.0, None)
-  return kron_transform(
+  validation.check_range("init_factor", init_factor, 0.0, None, low_open=True)
+  validation.check_range("max_clamp", max_clamp, 1.0, None)
+  return transform.kron_transform(
       P.adam_in_eigenbasis(b1, b2, eps),
       P.kl_factor_update(b2),
       P.ema_eigenvalues(b2, init_factor=init_factor, max_clamp=max_clamp),
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
-                         max_iters=refresh_max_iters, rotate_slots=(MU_EIG,)),
+                         max_iters=refresh_max_iters, rotate_slots=(state_lib.MU_EIG,)),
       **layout.transform_options(),
   )
 
@@ -356,8 +356,8 @@ def kl_soap(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    layout: Layout | None = None,
-    fallback: Fallback | None = None,
+    layout: options.Layout | None = None,
+    fallback: options.Fallback | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""KL-SOAP: Adam in the eigenbasis of Kronecker factors fitted by KL minimization.
@@ -402,7 +402,7 @@ def kl_soap(
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
-  layout, fallback = resolve("kl_soap", layout, fallback, legacy)
+  layout, fallback = options.resolve("kl_soap", layout, fallback, legacy)
   return with_adam_fallback(
       scale_by_kl_soap(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                        refresh_tolerance=refresh_tolerance,
@@ -418,7 +418,7 @@ def scale_by_soap(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    layout: Layout | None = None,
+    layout: options.Layout | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by SOAP: Adam in the eigenbasis of Shampoo's factors.
@@ -463,14 +463,14 @@ def scale_by_soap(
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
-  layout, _ = resolve("scale_by_soap", layout, None, legacy, takes_fallback=False)
+  layout, _ = options.resolve("scale_by_soap", layout, None, legacy, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
-  return kron_transform(
+  return transform.kron_transform(
       P.adam_in_eigenbasis(b1, b2, eps, bias_correction=True),
       P.shampoo_factor_update(b2),
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
                          max_iters=refresh_max_iters, sort=True,
-                         rotate_slots=(MU_EIG,), permute_slots=(NU_EIG,)),
+                         rotate_slots=(state_lib.MU_EIG,), permute_slots=(state_lib.NU_EIG,)),
       **layout.transform_options(),
   )
 
@@ -485,8 +485,8 @@ def soap(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    layout: Layout | None = None,
-    fallback: Fallback | None = None,
+    layout: options.Layout | None = None,
+    fallback: options.Fallback | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors (a baseline).
@@ -527,7 +527,7 @@ def soap(
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
-  layout, fallback = resolve("soap", layout, fallback, legacy)
+  layout, fallback = options.resolve("soap", layout, fallback, legacy)
   return with_adam_fallback(
       scale_by_soap(b1, b2, eps, precondition_frequency, refresh_tolerance=refresh_tolerance,
                     refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
@@ -542,7 +542,7 @@ def scale_by_shampoo(
     *,
     graft_eps: Any = 1e-8,
     refresh_tolerance: Any = None,
-    layout: Layout | None = None,
+    layout: options.Layout | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Shampoo with Adam grafting (a baseline).
@@ -583,10 +583,10 @@ def scale_by_shampoo(
     Gupta, Koren, Singer, `Shampoo: Preconditioned Stochastic Tensor
     Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
   """
-  layout, _ = resolve("scale_by_shampoo", layout, None, legacy, takes_fallback=False)
+  layout, _ = options.resolve("scale_by_shampoo", layout, None, legacy, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
-  check_range("graft_eps", graft_eps, 0.0, None)
-  return kron_transform(
+  validation.check_range("graft_eps", graft_eps, 0.0, None)
+  return transform.kron_transform(
       P.inverse_root(eps),
       P.adam_grafting(b2, graft_eps),
       P.momentum(b1, bias_correction=True),
@@ -606,8 +606,8 @@ def shampoo(
     *,
     graft_eps: Any = 1e-8,
     refresh_tolerance: Any = None,
-    layout: Layout | None = None,
-    fallback: Fallback | None = None,
+    layout: options.Layout | None = None,
+    fallback: options.Fallback | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Shampoo with Adam grafting (a baseline).
@@ -647,7 +647,7 @@ def shampoo(
     Gupta, Koren, Singer, `Shampoo: Preconditioned Stochastic Tensor
     Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
   """
-  layout, fallback = resolve("shampoo", layout, fallback, legacy)
+  layout, fallback = options.resolve("shampoo", layout, fallback, legacy)
   return with_adam_fallback(
       scale_by_shampoo(b1, b2, eps, precondition_frequency, graft_eps=graft_eps,
                        refresh_tolerance=refresh_tolerance, layout=layout.without_masks()),
@@ -662,7 +662,7 @@ def scale_by_eshampoo(
     *,
     refresh_tolerance: Any = 0.01,
     refresh_max_iters: int | None = None,
-    layout: Layout | None = None,
+    layout: options.Layout | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by eigenvalue-corrected Shampoo (EShampoo, a baseline).
@@ -700,9 +700,9 @@ def scale_by_eshampoo(
     Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics
     by Decomposing its Preconditioner <https://arxiv.org/abs/2506.03595>`_, 2025.
   """
-  layout, _ = resolve("scale_by_eshampoo", layout, None, legacy, takes_fallback=False)
+  layout, _ = options.resolve("scale_by_eshampoo", layout, None, legacy, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
-  return kron_transform(
+  return transform.kron_transform(
       P.momentum(b1, bias_correction=True),
       P.eigenvalue_corrected_whiten(b2, eps),
       P.shampoo_factor_update(b2),
@@ -722,8 +722,8 @@ def eshampoo(
     *,
     refresh_tolerance: Any = 0.01,
     refresh_max_iters: int | None = None,
-    layout: Layout | None = None,
-    fallback: Fallback | None = None,
+    layout: options.Layout | None = None,
+    fallback: options.Fallback | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenvalue-corrected Shampoo with adaptive basis refresh (a baseline).
@@ -763,7 +763,7 @@ def eshampoo(
     Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics
     by Decomposing its Preconditioner <https://arxiv.org/abs/2506.03595>`_, 2025.
   """
-  layout, fallback = resolve("eshampoo", layout, fallback, legacy)
+  layout, fallback = options.resolve("eshampoo", layout, fallback, legacy)
   return with_adam_fallback(
       scale_by_eshampoo(b1, b2, eps, precondition_frequency,
                         refresh_tolerance=refresh_tolerance,
@@ -788,7 +788,7 @@ def scale_by_pro_kl_shampoo(
     accumulate: bool = True,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    layout: Layout | None = None,
+    layout: options.Layout | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Pro-KLShampoo's preconditioner (``docs/math.md``, "Pro-KLShampoo").
@@ -834,12 +834,12 @@ def scale_by_pro_kl_shampoo(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  layout, _ = resolve("scale_by_pro_kl_shampoo", layout, None, legacy, takes_fallback=False)
-  rank = static_int(rank, "rank", default=128)
+  layout, _ = options.resolve("scale_by_pro_kl_shampoo", layout, None, legacy, takes_fallback=False)
+  rank = validation.static_int(rank, "rank", default=128)
   _check_common(b1, b2, eps, precondition_frequency)
-  check_range("ns_steps", ns_steps, 1.0, None)
+  validation.check_range("ns_steps", ns_steps, 1.0, None)
   pro.restricted_mode((2, 2), restricted_side)
-  spike = kron_transform(
+  spike = transform.kron_transform(
       P.momentum(b1),
       pro.spike_flat_whiten(eps, complement_scale=complement_scale, ns_steps=ns_steps,
                             ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
@@ -879,8 +879,8 @@ def pro_kl_shampoo(
     accumulate: bool = True,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
-    layout: Layout | None = None,
-    fallback: Fallback | None = None,
+    layout: options.Layout | None = None,
+    fallback: options.Fallback | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Pro-KLShampoo: KL-Shampoo with a spike-and-flat factor and an orthogonalized complement.
@@ -944,7 +944,7 @@ def pro_kl_shampoo(
     Sun & Wei, `Pro-KLShampoo: Projected KL-Shampoo with Whitening Recovered by
     Orthogonalization <https://arxiv.org/abs/2605.06316>`_, 2026.
   """
-  layout, fallback = resolve("pro_kl_shampoo", layout, fallback, legacy)
+  layout, fallback = options.resolve("pro_kl_shampoo", layout, fallback, legacy)
   return with_adam_fallback(
       scale_by_pro_kl_shampoo(
           rank, b1, b2, eps, precondition_frequency, complement_scale, ns_steps,
