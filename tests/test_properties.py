@@ -3,21 +3,21 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 import kl_optax
 from kl_optax import plan as plan_lib
 
 NAMES = list(kl_optax.RECIPES)
-EXAMPLES = 40
+EXAMPLES_PER_RECIPE = 7   # 42 examples in all, every recipe drawn
 BLOCK_EXAMPLES = 50
 
 shapes = st.lists(st.integers(1, 6), min_size=0, max_size=4).map(tuple)
 
 
 @st.composite
-def problems(draw):
-  name = draw(st.sampled_from(NAMES))
+def problems(draw, name):
   tree = {f"p{i}": draw(shapes) for i in range(draw(st.integers(1, 3)))}
   dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
   hyper = dict(
@@ -65,18 +65,19 @@ def _check_problem(problem):
   assert len(traces) == 1   # one compilation for all four steps
 
 
-def test_state_structure_and_dtypes_are_stable_updates_finite_no_recompilation():
+@pytest.mark.parametrize("name", NAMES)
+def test_state_structure_and_dtypes_are_stable_updates_finite_no_recompilation(name):
   tried = []
 
-  @settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
-  @given(problems())
+  @settings(max_examples=EXAMPLES_PER_RECIPE, deadline=None, derandomize=True)
+  @given(problems(name))
   def check(problem):
-    tried.append(problem[0])
+    tried.append(problem)
     _check_problem(problem)
 
-  check()   # runs every example here, so the count below is this process's
-  assert len(tried) >= EXAMPLES
-  assert len(set(tried)) >= 4   # most recipes were drawn
+  check()   # runs every example here, so the count below is this test's
+  assert len(tried) >= EXAMPLES_PER_RECIPE
+  assert len({repr(p[1:]) for p in tried}) == len(tried)   # all different problems
 
 
 @settings(max_examples=BLOCK_EXAMPLES, deadline=None, derandomize=True)
