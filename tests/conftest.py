@@ -25,3 +25,17 @@ os.environ["XLA_FLAGS"] = _xla_flags
 # The reference implementations live next to the tests.
 sys.path.insert(0, os.path.dirname(__file__))
 
+
+# The files with the longest tests run first: under pytest-xdist the run then
+# ends on short tests, instead of one worker finishing a long one while the
+# others wait. (The order within a file is kept.)
+_LONG_FIRST = ("tests/test_examples.py", "tests/test_properties.py", "tests/test_cpu_lapack.py",
+               "tests/test_layout.py", "tests/test_sharding.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    path = item.nodeid.split("::")[0]
+    return _LONG_FIRST.index(path) if path in _LONG_FIRST else len(_LONG_FIRST)
+
+  items.sort(key=rank)

@@ -250,11 +250,12 @@ def test_suite_extends_the_grid_beyond_an_edge_optimum():
 
 
 def test_every_task_builds_and_has_a_finite_loss():
+  import jax
   from kl_optax.benchmarks import tasks
   for name in tasks.TASKS:
     task = tasks.make_task(name, "tiny", seed=0)
     x, y = task.batches(0)
-    loss = task.setup.loss(task.setup.params, task.setup.rest, x, y)
+    loss = jax.jit(task.setup.loss)(task.setup.params, task.setup.rest, x, y)
     assert np.isfinite(float(loss)), name
     # The same seed gives the same batch; training batches differ from step to step.
     np.testing.assert_array_equal(task.batches(3)[1], task.batches(3)[1])
