@@ -190,10 +190,12 @@ def _check_matches(updates, state) -> None:
   paths = _paths(updates)
 
   def check(node):
-    try:
-      flat = treedef.flatten_up_to(node)
-    except (ValueError, TypeError):
+    # Only nodes shaped like the gradients (moments) are compared. Comparing the
+    # structures first is cheap; a failing ``flatten_up_to`` would format the
+    # whole node, arrays included, into its error message.
+    if jax.tree_util.tree_structure(node, is_leaf=trees.is_masked) != treedef:
       return
+    flat = treedef.flatten_up_to(node)
     if not all(trees.is_masked(x) or hasattr(x, "shape") for x in flat):
       return
     pairs = [(x, g, path) for x, g, path in zip(flat, flat_updates, paths)

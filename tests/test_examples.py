@@ -261,3 +261,17 @@ def test_every_task_builds_and_has_a_finite_loss():
     np.testing.assert_array_equal(task.batches(3)[1], task.batches(3)[1])
   with np.testing.assert_raises(ValueError):
     tasks.make_task("imagenet")
+
+
+def test_eager_update_benchmark_runs(tmp_path):
+  from kl_optax.benchmarks import eager_update
+  rows = eager_update.main(["--optimizers", "kl_shampoo", "--calls", "2", "--shape", "8x4",
+                            "--out", str(tmp_path)])
+  assert [r["name"] for r in rows] == ["adamw", "kl_shampoo"]   # AdamW first: the ratios' base
+  for r in rows:
+    assert r["first_s"] > 0 and r["eager_ms"] > 0 and r["jit_ms"] > 0
+    assert r["eager_vs_adamw"] == pytest.approx(r["eager_ms"] / rows[0]["eager_ms"])
+    assert r["max_abs_diff"] <= 1e-6, r   # the un-jitted updates equal the jitted ones
+  with open(tmp_path / "results.json") as f:
+    assert [r["name"] for r in json.load(f)["rows"]] == ["adamw", "kl_shampoo"]
+  assert "kl_shampoo" in (tmp_path / "results.md").read_text()

@@ -11,6 +11,8 @@
   command-line options.
 * :mod:`kl_optax.benchmarks.char_gpt` — the character-GPT benchmark
   (``python -m kl_optax.benchmarks.char_gpt --help``).
+* :mod:`kl_optax.benchmarks.eager_update` — un-jitted against jitted updates
+  (``python -m kl_optax.benchmarks.eager_update``).
 
 The data and the models live outside this package, where the examples import
 them too: :mod:`kl_optax.datasets` (the Shakespeare character corpus from the
