@@ -107,8 +107,8 @@ def main(argv=None) -> list[dict]:
             f"{os.cpu_count()} CPU cores); JAX {jax.__version__}; tree: {m}×{n} matrix, "
             f"4×8×8 tensor, ({n},) bias; median of {args.calls} calls after the first")
   lines = [header, "",
-           "| optimizer | first un-jitted call (s) | un-jitted, later calls (ms) | × AdamW "
-           "| jitted (ms) | max \\|un-jitted − jitted\\| |",
+           "| optimizer | first call (s) | later calls (ms) | × AdamW | jitted (ms) "
+           "| max difference |",
            "|---|---|---|---|---|---|"]
   lines += [f"| {r['name']} | {r['first_s']:.2f} | {r['eager_ms']:.1f} | {r['eager_vs_adamw']:.1f} "
             f"| {r['jit_ms']:.2f} | {r['max_abs_diff']:.1e} |" for r in rows]
