@@ -25,6 +25,10 @@ The wrapper (``kl_optax.transform``) and the tensor plan (``kl_optax.plan``)
   shows how leaves are squeezed, blocked and grouped.
 Routing (``kl_optax.routing``)
   ``kron_labels``, ``pro_labels`` and ``exclude``.
+Dimension numbers (``kl_optax.dims``)
+  ``DimensionNumbers`` (batch axes and mode groups of a leaf: scanned layers,
+  experts, attention heads) and the rules ``scanned``, ``attention_heads``,
+  ``match``.
 Inspection (``kl_optax.inspection``)
   ``kron_states``, ``adam_states``, ``refresh_counts``, ``nonfinite_skips``.
 Non-finite values (``kl_optax.safety``)
@@ -38,7 +42,8 @@ Kronecker linear algebra is in ``kl_optax.kron``; checks of options in
 ``kl_optax.validation``; pytree helpers in ``kl_optax.trees``.
 """
 
-from kl_optax import checkpoint, inspection, kron, plan, recipes, trees
+from kl_optax import checkpoint, dims, inspection, kron, plan, recipes, trees
+from kl_optax.dims import DimensionNumbers, DimensionRule, attention_heads, match, scanned
 from kl_optax.inspection import adam_states, kron_states, nonfinite_skips, refresh_counts
 from kl_optax.newton_schulz import (
     EXACT_COEFFICIENTS,
@@ -90,6 +95,8 @@ from kl_optax.transform import kron_transform
 __version__ = "0.1.0"
 
 __all__ = sorted([
+    "DimensionNumbers",
+    "DimensionRule",
     "EXACT_COEFFICIENTS",
     "Fallback",
     "KronState",
@@ -104,8 +111,10 @@ __all__ = sorted([
     "adam_grafting",
     "adam_states",
     "adam_in_eigenbasis",
+    "attention_heads",
     "check_gradients",
     "checkpoint",
+    "dims",
     "eigenvalue_corrected_whiten",
     "eigh_basis_refresh",
     "ema_eigenvalues",
@@ -118,6 +127,7 @@ __all__ = sorted([
     "kron_labels",
     "kron_states",
     "kron_transform",
+    "match",
     "momentum",
     "newton_schulz_orthogonalize",
     "nonfinite_skips",
@@ -129,6 +139,7 @@ __all__ = sorted([
     "refresh_counts",
     "restricted_mode",
     "scale_by_newton_schulz",
+    "scanned",
     "shampoo_factor_update",
     "skip_nonfinite",
     "spike_flat_apply",

@@ -32,11 +32,17 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+import kl_optax
+
 __all__ = ["ADAM_LEAVES", "Bilinear", "Block", "CNN", "GPT", "GPTConfig", "MLP", "PARAM_RULES",
-           "loss_fn", "make_train_step", "param_spec"]
+           "SCANNED", "loss_fn", "make_train_step", "param_spec", "stack_blocks"]
 
 # Leaves of the GPT that recipes should send to AdamW (regular expressions on their paths).
 ADAM_LEAVES = (r"\['embed'\]", r"\['pos'\]", r"\['head'\]")
+
+# The dimension numbers of a GPT built with ``scan=True``: axis 0 of every
+# block parameter is the layer.
+SCANNED = kl_optax.scanned(r"\['blocks'\]")
 
 # Megatron-style model parallelism over a mesh axis "model": (path pattern,
 # partition spec), the first match wins, everything else is replicated.
@@ -83,6 +89,12 @@ class GPTConfig:
     n_layers: the number of blocks.
     n_heads: the attention heads per block (they divide ``d_model``).
     mlp_ratio: the MLP's hidden width as a multiple of ``d_model``.
+    scan: stack the blocks' parameters along a leading layer axis
+      (``nnx.vmap`` at construction, ``nnx.scan`` in the forward pass), as
+      large-model code does: one ``(n_layers, ...)`` leaf per block parameter,
+      and a compile time that does not grow with depth. Optimize such a model
+      with ``dimension_numbers=SCANNED`` (each layer's slice is preconditioned
+      as the unrolled layer's leaf would be).
   """
 
   vocab_size: int
@@ -91,6 +103,7 @@ class GPTConfig:
   n_layers: int = 2
   n_heads: int = 4
   mlp_ratio: int = 4
+  scan: bool = False
 
   @property
   def matrix_params(self) -> int:
@@ -146,15 +159,44 @@ class GPT(nnx.Module):
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
                            embedding_init=nnx.initializers.normal(0.02))
     self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.context, cfg.d_model)))
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    if cfg.scan:
+      @nnx.split_rngs(splits=cfg.n_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def stacked(rngs):
+        return Block(cfg, rngs)
+      self.blocks = stacked(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
     self.ln_f = nnx.LayerNorm(cfg.d_model, rngs=rngs)
     self.head = _dense(cfg.d_model, cfg.vocab_size, rngs, 0.02)
 
   def __call__(self, tokens):
     x = self.embed(tokens) + self.pos[...][: tokens.shape[1]]
-    for block in self.blocks:
-      x = block(x)
+    if self.cfg.scan:
+      x = _scan_blocks(x, self.blocks)
+    else:
+      for block in self.blocks:
+        x = block(x)
     return self.head(self.ln_f(x))
+
+
+@nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+def _scan_blocks(x, block):
+  return block(x)
+
+
+def stack_blocks(unrolled: nnx.State | dict) -> dict:
+  """The parameters of an unrolled ``GPT`` (``nnx.state(model, nnx.Param)``) as a scanned one's.
+
+  Every block's leaves are stacked along a new leading axis; the result (a
+  pure dict) can be given to ``nnx.update`` on a ``GPT`` built with
+  ``scan=True`` (same other sizes), which then computes the same function.
+  """
+  state = nnx.to_pure_dict(unrolled) if isinstance(unrolled, nnx.State) else dict(unrolled)
+  blocks = state["blocks"]
+  layers = [blocks[i] for i in sorted(blocks)]
+  state["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return state
 
 
 def loss_fn(model: nnx.Module, inputs: jax.Array, targets: jax.Array) -> jax.Array:

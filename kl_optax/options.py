@@ -7,7 +7,8 @@ they are cut and stored, and the settings of the AdamW that takes every other
 leaf are not hyperparameters: they live in two small frozen objects,
 
 * ``Layout`` — ``precondition_mask``, ``weight_decay_mask``,
-  ``max_precond_dim``, ``block_size``, ``state_dtype``;
+  ``max_precond_dim``, ``block_size``, ``state_dtype``,
+  ``dimension_numbers``;
 * ``Fallback`` — AdamW's ``learning_rate``, ``b1``, ``b2``, ``eps``,
   ``weight_decay``;
 
@@ -28,6 +29,7 @@ from typing import Any
 
 import jax
 
+from kl_optax import dims
 from kl_optax import routing
 from kl_optax import validation
 
@@ -49,6 +51,17 @@ def _check_mask(name: str, mask: Any) -> None:
           f"Layout.{name} must be a pytree of Python bools or a function of the params; "
           f"got an array ({leaf!r}). Was a callable mask evaluated as a schedule by "
           "optax.inject_hyperparams? Pass it inside kl_optax.Layout(...).")
+
+
+def _check_dimension_numbers(spec: Any) -> None:
+  if spec is None or callable(spec) or isinstance(spec, (dims.DimensionNumbers, dims.DimensionRule)):
+    return
+  for leaf in jax.tree.leaves(spec, is_leaf=lambda x: isinstance(x, dims.DimensionNumbers)):
+    if not isinstance(leaf, dims.DimensionNumbers):
+      raise TypeError(
+          "Layout.dimension_numbers must be None, a kl_optax.DimensionNumbers, a pytree of "
+          "them (None leaves allowed), a function of the params or a rule such as "
+          f"kl_optax.scanned(...); found the leaf {leaf!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +94,13 @@ class Layout:
     state_dtype: storage dtype of moments, factors and bases (``None``:
       float32; ``jnp.bfloat16`` halves their memory). Eigenvalue estimates
       are always float32, and all computation is float32.
+    dimension_numbers: which axes of a leaf are a batch of tensors (scanned
+      layers, experts) and how its other axes group into modes
+      (``kl_optax.dims``): ``None``, a ``kl_optax.DimensionNumbers``, a
+      pytree of them (a prefix of the params), a function of the params
+      returning one, or a rule such as ``kl_optax.scanned('blocks')``. A
+      leaf with batch axes is routed and preconditioned slice by slice,
+      exactly as its unstacked slices would be.
 
   Examples:
     >>> import jax.numpy as jnp, kl_optax
@@ -96,6 +116,7 @@ class Layout:
   max_precond_dim: int = routing.DEFAULT_MAX_PRECOND_DIM
   block_size: int | None = None
   state_dtype: Any = None
+  dimension_numbers: Any = None
 
   def __post_init__(self):
     block_size, max_dim = validation.check_blocking(
@@ -106,16 +127,19 @@ class Layout:
     validation.storage_dtype(self.state_dtype)
     _check_mask("precondition_mask", self.precondition_mask)
     _check_mask("weight_decay_mask", self.weight_decay_mask)
+    _check_dimension_numbers(self.dimension_numbers)
 
   def labels(self, params: Any) -> Any:
     """``'kron'`` or ``'adam'`` per leaf of ``params`` (``kl_optax.kron_labels``)."""
     return routing.kron_labels(params, self.max_precond_dim, self.precondition_mask,
-                               block_size=self.block_size)
+                               block_size=self.block_size,
+                               dimension_numbers=self.dimension_numbers)
 
   def transform_options(self) -> dict[str, Any]:
     """The keywords of ``kl_optax.kron_transform`` this layout sets."""
     return dict(state_dtype=self.state_dtype, block_size=self.block_size,
-                max_precond_dim=self.max_precond_dim)
+                max_precond_dim=self.max_precond_dim,
+                dimension_numbers=self.dimension_numbers)
 
   def without_masks(self) -> Layout:
     """The same layout for a preconditioner, which routes nothing."""
@@ -162,6 +186,7 @@ def resolve(
     fallback: Fallback | None,
     legacy: dict[str, Any],
     *,
+    dimension_numbers: Any = None,
     takes_fallback: bool = True,
 ) -> tuple[Layout, Fallback | None]:
   """The layout and fallback of a recipe call, with the old keywords folded in.
@@ -172,6 +197,8 @@ def resolve(
     fallback: the ``fallback=`` argument (``None``: the default
       ``Fallback``).
     legacy: the other keywords the recipe received.
+    dimension_numbers: the recipe's ``dimension_numbers=`` argument, folded
+      into the layout.
     takes_fallback: whether the recipe has a fallback (``scale_by_*`` do not,
       and take only the storage and blocking fields of a layout).
 
@@ -204,6 +231,10 @@ def resolve(
     raise TypeError(
         f"{where}(): fallback must be a kl_optax.Fallback, got {type(fallback).__name__}.")
   layout = Layout(**layout_kw) if layout is None else layout
+  if dimension_numbers is not None:
+    if layout.dimension_numbers is not None:
+      raise TypeError(f"{where}(): dimension_numbers given both as an argument and in layout=.")
+    layout = dataclasses.replace(layout, dimension_numbers=dimension_numbers)
   if not takes_fallback:
     if layout.precondition_mask is not None or layout.weight_decay_mask is not None:
       raise ValueError(

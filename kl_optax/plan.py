@@ -1,8 +1,10 @@
 """The tensor plan: how the leaves of a tree become stacks of same-shape tensors.
 
-:func:`plan_tensors` checks every leaf, squeezes its size-1 dims, cuts dims
-larger than ``max_precond_dim`` into blocks and assigns every tensor (block)
-to a *shape group*. :func:`pack` stacks the leaves' blocks per group (zero
+:func:`plan_tensors` checks every leaf, splits it into its tensors along its
+batch axes and groups its other axes into modes (its dimension numbers,
+:mod:`kl_optax.dims`), squeezes size-1 modes, cuts modes larger than
+``max_precond_dim`` into blocks and assigns every tensor (block) to a *shape
+group*. :func:`pack` stacks the leaves' blocks per group (zero
 padding a stack to a given length, for meshes); :func:`unpack` is its
 inverse. :func:`check_matches_state` compares a plan with the stacks of an
 existing state and names the leaves when they disagree.
@@ -16,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kl_optax import dims as dims_lib
 from kl_optax import trees
 from kl_optax.state import KronState
 
@@ -38,9 +41,13 @@ class TensorPlan(NamedTuple):
     treedef: the tree structure of the leaves.
     paths: a readable path per leaf.
     shapes: each leaf's original shape.
-    squeezed: each leaf's shape without size-1 dims.
+    dims: each leaf's checked dimension numbers (:class:`kl_optax.dims.LeafDims`).
+    squeezed: the shape of each leaf's tensors (the leaf itself, or one slice
+      along its batch axes), modes grouped, without size-1 modes.
     blocks: per leaf, its blocks in row-major order, each
-      ``(group index, position in the group's stack, starts, sizes)``.
+      ``(group index, position in the group's stack, starts, sizes)``; a
+      leaf with ``n`` tensors has ``n`` consecutive positions per block,
+      from the one given.
     grids: per leaf, the number of blocks along each squeezed dim.
     group_shapes: the tensor (block) shape of each group.
     group_sizes: the number of tensors (blocks) stacked in each group.
@@ -49,6 +56,7 @@ class TensorPlan(NamedTuple):
   treedef: Any
   paths: tuple[str, ...]
   shapes: tuple[tuple[int, ...], ...]
+  dims: tuple[dims_lib.LeafDims, ...]
   squeezed: tuple[tuple[int, ...], ...]
   blocks: tuple[tuple[Block, ...], ...]
   grids: tuple[tuple[int, ...], ...]
@@ -78,10 +86,13 @@ def block_ranges(dim: int, max_precond_dim: int | None, block_size: int | None):
   return [(s, min(block_size, dim - s)) for s in range(0, dim, block_size)]
 
 
-def _check_order(path, shape, squeezed, where):
+def _check_order(path, shape, squeezed, leaf_dims, where):
   if len(squeezed) < 2:
+    what = (f"has shape {shape}, which has" if leaf_dims.is_identity else
+            f"has shape {shape}, whose tensors (batch {leaf_dims.batch_shape}, modes "
+            f"{leaf_dims.modes}) have")
     raise ValueError(
-        f"{where}: leaf {trees.leaf_path(path)} has shape {shape}, which has fewer "
+        f"{where}: leaf {path} {what} fewer "
         "than two dims larger than one and cannot carry a Kronecker "
         "preconditioner. Use a recipe such as kl_optax.kl_shampoo, which routes "
         "such leaves to AdamW, or route them yourself with optax.partition."
@@ -93,6 +104,7 @@ def plan_tensors(
     where: str = "kron_transform",
     max_precond_dim: int | None = None,
     block_size: int | None = None,
+    dimension_numbers: Any = None,
 ) -> TensorPlan:
   """Checks every leaf, cuts it into blocks and assigns each block to a shape group.
 
@@ -102,27 +114,37 @@ def plan_tensors(
     max_precond_dim: dims larger than this are cut into blocks (``None``:
       ``block_size``).
     block_size: the block length along a cut dim (``None``: no blocking).
+    dimension_numbers: batch axes and mode groups per leaf (see
+      :mod:`kl_optax.dims`; ``None``: every leaf is one tensor, each axis a mode).
 
   Raises:
     TypeError: a leaf is not floating point (the message names the leaf).
-    ValueError: a leaf has fewer than two dims of size > 1 (the message names
-      the leaf and says where such leaves belong).
+    ValueError: a leaf's tensors have fewer than two dims of size > 1, or its
+      dimension numbers do not fit its shape (the message names the leaf).
 
   Examples:
     >>> import jax.numpy as jnp, kl_optax
     >>> p = kl_optax.plan_tensors({'a': jnp.zeros((4, 3)), 'b': jnp.zeros((1, 4, 3))})
     >>> p.group_shapes, p.group_sizes
     (((4, 3),), (2,))
+    >>> p = kl_optax.plan_tensors({'layers': jnp.zeros((5, 4, 3))},
+    ...                           dimension_numbers=kl_optax.scanned())
+    >>> p.group_shapes, p.group_sizes
+    (((4, 3),), (5,))
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  paths, shapes, squeezed, blocks, grids = [], [], [], [], []
+  leaf_specs = dims_lib.resolve(dimension_numbers, tree, where)
+  paths, shapes, all_dims, squeezed, blocks, grids = [], [], [], [], [], []
   group_index: dict[tuple[int, ...], int] = {}
   group_sizes: list[int] = []
-  for path, leaf in flat:
+  for (path, leaf), spec in zip(flat, leaf_specs):
     trees.check_floating(path, leaf, where)
+    name = trees.leaf_path(path)
     shape = tuple(int(d) for d in leaf.shape)
-    sq = trees.squeezed_shape(shape)
-    _check_order(path, shape, sq, where)
+    leaf_dims = dims_lib.leaf_dims(name, shape, spec, where)
+    sq = trees.squeezed_shape(leaf_dims.modes)
+    _check_order(name, shape, sq, leaf_dims, where)
+    count = leaf_dims.count
     ranges = [block_ranges(d, max_precond_dim, block_size) for d in sq]
     leaf_blocks = []
     for combo in itertools.product(*ranges):
@@ -132,9 +154,10 @@ def plan_tensors(
       if gi == len(group_sizes):
         group_sizes.append(0)
       leaf_blocks.append((gi, group_sizes[gi], starts, sizes))
-      group_sizes[gi] += 1
-    paths.append(trees.leaf_path(path))
+      group_sizes[gi] += count
+    paths.append(name)
     shapes.append(shape)
+    all_dims.append(leaf_dims)
     squeezed.append(sq)
     blocks.append(tuple(leaf_blocks))
     grids.append(tuple(len(r) for r in ranges))
@@ -142,12 +165,31 @@ def plan_tensors(
       treedef=treedef,
       paths=tuple(paths),
       shapes=tuple(shapes),
+      dims=tuple(all_dims),
       squeezed=tuple(squeezed),
       blocks=tuple(blocks),
       grids=tuple(grids),
       group_shapes=tuple(group_index),
       group_sizes=tuple(group_sizes),
   )
+
+
+def _tensors(x: jax.Array, leaf_dims: dims_lib.LeafDims, sq: tuple[int, ...]) -> jax.Array:
+  """A leaf as ``(count, *sq)``: its tensors stacked, modes grouped and squeezed."""
+  if not leaf_dims.is_identity:
+    x = jnp.transpose(x, leaf_dims.perm)
+  return x.reshape((leaf_dims.count,) + sq)
+
+
+def _untensors(y: jax.Array, leaf_dims: dims_lib.LeafDims, shape: tuple[int, ...]) -> jax.Array:
+  """The inverse of :func:`_tensors`."""
+  if leaf_dims.is_identity:
+    return y.reshape(shape)
+  y = y.reshape(tuple(shape[a] for a in leaf_dims.perm))
+  inverse = [0] * len(shape)
+  for i, a in enumerate(leaf_dims.perm):
+    inverse[a] = i
+  return jnp.transpose(y, inverse)
 
 
 def pack(plan: TensorPlan, leaves, padded_sizes=None) -> tuple[jax.Array, ...]:
@@ -162,15 +204,16 @@ def pack(plan: TensorPlan, leaves, padded_sizes=None) -> tuple[jax.Array, ...]:
     One ``(n, *group_shape)`` float32 array per group.
   """
   padded_sizes = plan.group_sizes if padded_sizes is None else padded_sizes
-  stacks = [[None] * n for n in plan.group_sizes]
-  for leaf, sq, leaf_blocks in zip(leaves, plan.squeezed, plan.blocks):
-    x = leaf.reshape(sq).astype(jnp.float32)
-    for gi, pos, starts, sizes in leaf_blocks:
+  pieces = [[] for _ in plan.group_sizes]
+  for leaf, leaf_dims, sq, leaf_blocks in zip(leaves, plan.dims, plan.squeezed, plan.blocks):
+    x = _tensors(leaf.astype(jnp.float32), leaf_dims, sq)
+    for gi, _, starts, sizes in leaf_blocks:
       whole = sizes == sq
-      stacks[gi][pos] = x if whole else x[tuple(slice(a, a + n) for a, n in zip(starts, sizes))]
+      pieces[gi].append(
+          x if whole else x[(slice(None),) + tuple(slice(a, a + n) for a, n in zip(starts, sizes))])
   out = []
-  for gi, s in enumerate(stacks):
-    stack = jnp.stack(s)
+  for gi, p in enumerate(pieces):
+    stack = p[0] if len(p) == 1 else jnp.concatenate(p)
     pad = padded_sizes[gi] - stack.shape[0]
     if pad:
       stack = jnp.pad(stack, [(0, pad)] + [(0, 0)] * (stack.ndim - 1))
@@ -179,13 +222,13 @@ def pack(plan: TensorPlan, leaves, padded_sizes=None) -> tuple[jax.Array, ...]:
 
 
 def _assemble(pieces: list[jax.Array], grid: tuple[int, ...], axis: int = 0) -> jax.Array:
-  """Concatenates row-major ``pieces`` (blocks on a ``grid``) back into one tensor."""
+  """Concatenates row-major ``pieces`` (``(count, *block)``, on a ``grid``) into one tensor stack."""
   if axis == len(grid):
     return pieces[0]
   k = grid[axis]
   step = len(pieces) // k
   parts = [_assemble(pieces[i * step:(i + 1) * step], grid, axis + 1) for i in range(k)]
-  return parts[0] if k == 1 else jnp.concatenate(parts, axis=axis)
+  return parts[0] if k == 1 else jnp.concatenate(parts, axis=axis + 1)
 
 
 def unpack(plan: TensorPlan, stacks, leaves) -> list[jax.Array]:
@@ -197,9 +240,12 @@ def unpack(plan: TensorPlan, stacks, leaves) -> list[jax.Array]:
     leaves: the leaves whose shapes and dtypes the result takes.
   """
   result = []
-  for leaf, shape, grid, leaf_blocks in zip(leaves, plan.shapes, plan.grids, plan.blocks):
-    pieces = [stacks[gi][pos] for gi, pos, _, _ in leaf_blocks]
-    result.append(_assemble(pieces, grid).reshape(shape).astype(leaf.dtype))
+  for leaf, shape, leaf_dims, grid, leaf_blocks in zip(
+      leaves, plan.shapes, plan.dims, plan.grids, plan.blocks):
+    n = leaf_dims.count
+    pieces = [stacks[gi][pos:pos + n] for gi, pos, _, _ in leaf_blocks]
+    y = _untensors(_assemble(pieces, grid), leaf_dims, shape)
+    result.append(y.astype(leaf.dtype))
   return result
 
 

@@ -51,6 +51,7 @@ def scale_by_kl_shampoo(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
+    dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -94,6 +95,9 @@ def scale_by_kl_shampoo(
       :func:`kl_optax.qr_basis_refresh`); ``None`` refreshes every time.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
+    dimension_numbers: batch axes (scanned layers, experts) and mode groups
+      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      as ``Layout(dimension_numbers=...)``. Static.
     layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
       must be unset: a preconditioner routes nothing).
 
@@ -115,7 +119,8 @@ def scale_by_kl_shampoo(
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
-  layout, _ = options.resolve("scale_by_kl_shampoo", layout, None, legacy, takes_fallback=False)
+  layout, _ = options.resolve("scale_by_kl_shampoo", layout, None, legacy,
+                                 dimension_numbers=dimension_numbers, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
   validation.check_range("init_factor", init_factor, 0.0, None, low_open=True)
   validation.check_range("max_clamp", max_clamp, 1.0, None)
@@ -208,6 +213,7 @@ def kl_shampoo(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
+    dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
     **legacy: Any,
@@ -237,6 +243,9 @@ def kl_shampoo(
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
       ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
     refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
+    dimension_numbers: batch axes (scanned layers, experts) and mode groups
+      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      as ``Layout(dimension_numbers=...)``. Static.
     layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
     fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
     **legacy: older keywords, see :mod:`kl_optax.options`.
@@ -261,7 +270,8 @@ def kl_shampoo(
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
-  layout, fallback = options.resolve("kl_shampoo", layout, fallback, legacy)
+  layout, fallback = options.resolve("kl_shampoo", layout, fallback, legacy,
+                                 dimension_numbers=dimension_numbers)
   return with_adam_fallback(
       scale_by_kl_shampoo(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                           refresh_tolerance=refresh_tolerance,
@@ -279,6 +289,7 @@ def scale_by_kl_soap(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
+    dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -310,6 +321,9 @@ def scale_by_kl_soap(
     refresh_tolerance: adaptive basis refresh; ``None`` refreshes every time.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
+    dimension_numbers: batch axes (scanned layers, experts) and mode groups
+      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      as ``Layout(dimension_numbers=...)``. Static.
     layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
       must be unset: a preconditioner routes nothing).
 
@@ -330,7 +344,8 @@ def scale_by_kl_soap(
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
-  layout, _ = options.resolve("scale_by_kl_soap", layout, None, legacy, takes_fallback=False)
+  layout, _ = options.resolve("scale_by_kl_soap", layout, None, legacy,
+                                 dimension_numbers=dimension_numbers, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
   validation.check_range("init_factor", init_factor, 0.0, None, low_open=True)
   validation.check_range("max_clamp", max_clamp, 1.0, None)
@@ -356,6 +371,7 @@ def kl_soap(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
+    dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
     **legacy: Any,
@@ -383,6 +399,9 @@ def kl_soap(
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
       ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
     refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
+    dimension_numbers: batch axes (scanned layers, experts) and mode groups
+      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      as ``Layout(dimension_numbers=...)``. Static.
     layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
     fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
     **legacy: older keywords, see :mod:`kl_optax.options`.
@@ -402,7 +421,8 @@ def kl_soap(
     Lin et al., `Understanding and Improving Shampoo and SOAP via
     Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
   """
-  layout, fallback = options.resolve("kl_soap", layout, fallback, legacy)
+  layout, fallback = options.resolve("kl_soap", layout, fallback, legacy,
+                                 dimension_numbers=dimension_numbers)
   return with_adam_fallback(
       scale_by_kl_soap(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                        refresh_tolerance=refresh_tolerance,
@@ -418,6 +438,7 @@ def scale_by_soap(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
+    dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -446,6 +467,9 @@ def scale_by_soap(
     refresh_tolerance: adaptive basis refresh; ``None`` refreshes every time.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
+    dimension_numbers: batch axes (scanned layers, experts) and mode groups
+      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      as ``Layout(dimension_numbers=...)``. Static.
     layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
       must be unset: a preconditioner routes nothing).
 
@@ -463,7 +487,8 @@ def scale_by_soap(
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
-  layout, _ = options.resolve("scale_by_soap", layout, None, legacy, takes_fallback=False)
+  layout, _ = options.resolve("scale_by_soap", layout, None, legacy,
+                                 dimension_numbers=dimension_numbers, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
   return transform.kron_transform(
       P.adam_in_eigenbasis(b1, b2, eps, bias_correction=True),
@@ -485,6 +510,7 @@ def soap(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
+    dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
     **legacy: Any,
@@ -511,6 +537,9 @@ def soap(
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
       ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
     refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
+    dimension_numbers: batch axes (scanned layers, experts) and mode groups
+      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      as ``Layout(dimension_numbers=...)``. Static.
     layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
     fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
     **legacy: older keywords, see :mod:`kl_optax.options`.
@@ -527,7 +556,8 @@ def soap(
     Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
     <https://arxiv.org/abs/2409.11321>`_, 2024.
   """
-  layout, fallback = options.resolve("soap", layout, fallback, legacy)
+  layout, fallback = options.resolve("soap", layout, fallback, legacy,
+                                 dimension_numbers=dimension_numbers)
   return with_adam_fallback(
       scale_by_soap(b1, b2, eps, precondition_frequency, refresh_tolerance=refresh_tolerance,
                     refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
@@ -542,6 +572,7 @@ def scale_by_shampoo(
     *,
     graft_eps: Any = 1e-8,
     refresh_tolerance: Any = None,
+    dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -568,6 +599,9 @@ def scale_by_shampoo(
     graft_eps: Adam's epsilon in the grafting direction.
     refresh_tolerance: skip a factor's eigendecomposition while its basis still
       satisfies the criterion of :func:`kl_optax.eigh_basis_refresh`.
+    dimension_numbers: batch axes (scanned layers, experts) and mode groups
+      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      as ``Layout(dimension_numbers=...)``. Static.
     layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
       must be unset: a preconditioner routes nothing).
 
@@ -583,7 +617,8 @@ def scale_by_shampoo(
     Gupta, Koren, Singer, `Shampoo: Preconditioned Stochastic Tensor
     Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
   """
-  layout, _ = options.resolve("scale_by_shampoo", layout, None, legacy, takes_fallback=False)
+  layout, _ = options.resolve("scale_by_shampoo", layout, None, legacy,
+                                 dimension_numbers=dimension_numbers, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
   validation.check_range("graft_eps", graft_eps, 0.0, None)
   return transform.kron_transform(
@@ -606,6 +641,7 @@ def shampoo(
     *,
     graft_eps: Any = 1e-8,
     refresh_tolerance: Any = None,
+    dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
     **legacy: Any,
@@ -631,6 +667,9 @@ def shampoo(
     graft_eps: Adam's epsilon in the grafting direction.
     refresh_tolerance: skip a factor's eigendecomposition while its basis
       still satisfies the criterion of :func:`kl_optax.eigh_basis_refresh`.
+    dimension_numbers: batch axes (scanned layers, experts) and mode groups
+      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      as ``Layout(dimension_numbers=...)``. Static.
     layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
     fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
     **legacy: older keywords, see :mod:`kl_optax.options`.
@@ -647,7 +686,8 @@ def shampoo(
     Gupta, Koren, Singer, `Shampoo: Preconditioned Stochastic Tensor
     Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
   """
-  layout, fallback = options.resolve("shampoo", layout, fallback, legacy)
+  layout, fallback = options.resolve("shampoo", layout, fallback, legacy,
+                                 dimension_numbers=dimension_numbers)
   return with_adam_fallback(
       scale_by_shampoo(b1, b2, eps, precondition_frequency, graft_eps=graft_eps,
                        refresh_tolerance=refresh_tolerance, layout=layout.without_masks()),
@@ -662,6 +702,7 @@ def scale_by_eshampoo(
     *,
     refresh_tolerance: Any = 0.01,
     refresh_max_iters: int | None = None,
+    dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -685,6 +726,9 @@ def scale_by_eshampoo(
     refresh_tolerance: relative off-diagonal tolerance; ``None`` or 0 always refreshes.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
+    dimension_numbers: batch axes (scanned layers, experts) and mode groups
+      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      as ``Layout(dimension_numbers=...)``. Static.
     layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
       must be unset: a preconditioner routes nothing).
 
@@ -700,7 +744,8 @@ def scale_by_eshampoo(
     Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics
     by Decomposing its Preconditioner <https://arxiv.org/abs/2506.03595>`_, 2025.
   """
-  layout, _ = options.resolve("scale_by_eshampoo", layout, None, legacy, takes_fallback=False)
+  layout, _ = options.resolve("scale_by_eshampoo", layout, None, legacy,
+                                 dimension_numbers=dimension_numbers, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
   return transform.kron_transform(
       P.momentum(b1, bias_correction=True),
@@ -722,6 +767,7 @@ def eshampoo(
     *,
     refresh_tolerance: Any = 0.01,
     refresh_max_iters: int | None = None,
+    dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
     **legacy: Any,
@@ -747,6 +793,9 @@ def eshampoo(
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
       ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
     refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
+    dimension_numbers: batch axes (scanned layers, experts) and mode groups
+      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      as ``Layout(dimension_numbers=...)``. Static.
     layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
     fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
     **legacy: older keywords, see :mod:`kl_optax.options`.
@@ -763,7 +812,8 @@ def eshampoo(
     Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics
     by Decomposing its Preconditioner <https://arxiv.org/abs/2506.03595>`_, 2025.
   """
-  layout, fallback = options.resolve("eshampoo", layout, fallback, legacy)
+  layout, fallback = options.resolve("eshampoo", layout, fallback, legacy,
+                                 dimension_numbers=dimension_numbers)
   return with_adam_fallback(
       scale_by_eshampoo(b1, b2, eps, precondition_frequency,
                         refresh_tolerance=refresh_tolerance,
@@ -788,6 +838,7 @@ def scale_by_pro_kl_shampoo(
     accumulate: bool = True,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
+    dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -828,13 +879,17 @@ def scale_by_pro_kl_shampoo(
     refresh_tolerance: adaptive refresh of the dense bases (``docs/math.md``,
       "Adaptive basis refresh").
     refresh_max_iters: QR iterations per adaptive refresh (static).
+    dimension_numbers: batch axes (scanned layers, experts) and mode groups
+      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      as ``Layout(dimension_numbers=...)``. Static.
     layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
       must be unset: a preconditioner routes nothing).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  layout, _ = options.resolve("scale_by_pro_kl_shampoo", layout, None, legacy, takes_fallback=False)
+  layout, _ = options.resolve("scale_by_pro_kl_shampoo", layout, None, legacy,
+                                 dimension_numbers=dimension_numbers, takes_fallback=False)
   rank = validation.static_int(rank, "rank", default=128)
   _check_common(b1, b2, eps, precondition_frequency)
   validation.check_range("ns_steps", ns_steps, 1.0, None)
@@ -850,6 +905,7 @@ def scale_by_pro_kl_shampoo(
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
                          max_iters=refresh_max_iters),
       state_dtype=layout.state_dtype,
+      dimension_numbers=layout.dimension_numbers,
   )
   dense = scale_by_kl_shampoo(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                               refresh_tolerance=refresh_tolerance,
@@ -857,7 +913,8 @@ def scale_by_pro_kl_shampoo(
   return optax.partition(
       {routing.SPIKE_FLAT: spike, routing.DENSE: dense},
       functools.partial(routing.pro_labels, rank=rank, restricted_side=restricted_side,
-                        block_size=layout.block_size, max_precond_dim=layout.max_precond_dim))
+                        block_size=layout.block_size, max_precond_dim=layout.max_precond_dim,
+                        dimension_numbers=layout.dimension_numbers))
 
 
 def pro_kl_shampoo(
@@ -879,6 +936,7 @@ def pro_kl_shampoo(
     accumulate: bool = True,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
+    dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
     **legacy: Any,
@@ -920,6 +978,9 @@ def pro_kl_shampoo(
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
       ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
     refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
+    dimension_numbers: batch axes (scanned layers, experts) and mode groups
+      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      as ``Layout(dimension_numbers=...)``. Static.
     layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
     fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
     **legacy: older keywords, see :mod:`kl_optax.options`.
@@ -944,7 +1005,8 @@ def pro_kl_shampoo(
     Sun & Wei, `Pro-KLShampoo: Projected KL-Shampoo with Whitening Recovered by
     Orthogonalization <https://arxiv.org/abs/2605.06316>`_, 2026.
   """
-  layout, fallback = options.resolve("pro_kl_shampoo", layout, fallback, legacy)
+  layout, fallback = options.resolve("pro_kl_shampoo", layout, fallback, legacy,
+                                 dimension_numbers=dimension_numbers)
   return with_adam_fallback(
       scale_by_pro_kl_shampoo(
           rank, b1, b2, eps, precondition_frequency, complement_scale, ns_steps,

@@ -1,8 +1,11 @@
 """Which parameters get a Kronecker preconditioner, and which go to AdamW.
 
-The rule (``docs/math.md``, "Which tensors are preconditioned"), applied leaf by leaf:
+The rule (``docs/math.md``, "Which tensors are preconditioned"), applied leaf by leaf
+(to each of a leaf's tensors, when its dimension numbers give it batch axes;
+:mod:`kl_optax.dims`):
 
-1. Size-1 dims are squeezed.
+1. Modes are grouped as the dimension numbers say (by default each axis is
+   a mode) and size-1 modes are squeezed.
 2. A leaf is preconditioned when what remains has order ≥ 2 and the user's
    ``precondition_mask`` (if any) is ``True`` for it. Dims larger than
    ``max_precond_dim`` are cut into blocks of at most ``block_size``, each
@@ -16,7 +19,8 @@ The rule (``docs/math.md``, "Which tensors are preconditioned"), applied leaf by
    user excluded (embeddings and output heads, typically) — goes to the AdamW
    fallback.
 
-Non-floating leaves are an error (the message names the leaf).
+Complex leaves go to the fallback (optax's AdamW handles them); other
+non-floating leaves are an error (the message names the leaf).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from typing import Any
 
 import jax
 
+import jax.numpy as jnp
+
+from kl_optax import dims as dims_lib
 from kl_optax import pro
 from kl_optax import trees
 
@@ -62,6 +69,7 @@ def kron_labels(
     *,
     block_size: int | None = None,
     max_factor_ratio: float = MAX_FACTOR_RATIO,
+    dimension_numbers: Any = None,
 ) -> Any:
   """Labels each leaf ``'kron'`` (Kronecker preconditioner) or ``'adam'`` (fallback).
 
@@ -76,6 +84,8 @@ def kron_labels(
       the fallback.
     max_factor_ratio: a tensor (or block) whose factors would hold more than
       this many times its own number of entries goes to the fallback.
+    dimension_numbers: batch axes and mode groups (:mod:`kl_optax.dims`); a
+      leaf with batch axes is routed as one of its slices would be.
 
   Returns:
     A tree of labels with the structure of ``params``, for ``optax.partition``.
@@ -92,10 +102,14 @@ def kron_labels(
     allowed = [True] * len(flat)
   else:
     allowed = treedef.flatten_up_to(trees.broadcast_mask(precondition_mask, params))
+  leaf_specs = dims_lib.resolve(dimension_numbers, params, "kron_labels")
   labels = []
-  for (path, leaf), ok in zip(flat, allowed):
+  for (path, leaf), ok, spec in zip(flat, allowed, leaf_specs):
+    if _is_complex(leaf):
+      labels.append(FALLBACK)
+      continue
     trees.check_floating(path, leaf, "kron_labels")
-    sq = trees.squeezed_shape(leaf.shape)
+    sq = tensor_shape(path, leaf, spec, "kron_labels")
     blocked = block_size is not None
     eligible = ok and len(sq) >= 2 and (blocked or max(sq) <= max_precond_dim)
     if eligible:
@@ -103,6 +117,17 @@ def kron_labels(
       eligible = sum(d * d for d in block) <= max_factor_ratio * math.prod(block)
     labels.append(KRON if eligible else FALLBACK)
   return treedef.unflatten(labels)
+
+
+def _is_complex(leaf) -> bool:
+  return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.complexfloating)
+
+
+def tensor_shape(path, leaf, dims: dims_lib.DimensionNumbers | None, where: str) -> tuple[int, ...]:
+  """The squeezed shape of the tensors a leaf holds (the leaf, or one slice of it)."""
+  name = path if isinstance(path, str) else trees.leaf_path(path)
+  leaf_dims = dims_lib.leaf_dims(name, tuple(int(d) for d in leaf.shape), dims, where)
+  return trees.squeezed_shape(leaf_dims.modes)
 
 
 def exclude(*patterns: str) -> Callable[[Any], Any]:
@@ -129,14 +154,16 @@ def exclude(*patterns: str) -> Callable[[Any], Any]:
 
 
 def pro_labels(tree, rank: int, restricted_side: str = "larger", *,
-               block_size: int | None = None, max_precond_dim: int | None = None):
+               block_size: int | None = None, max_precond_dim: int | None = None,
+               dimension_numbers: Any = None):
   """Labels each leaf ``'spike_flat'`` (Pro-KLShampoo factor) or ``'dense'`` (full KL-Shampoo).
 
   A leaf gets a spike-and-flat factor when its squeezed shape is a matrix
   whose restricted dim is larger than ``rank``; tensors of order three or
   more, matrices with ``rank ≥`` the restricted dim, and (with
   ``block_size``) matrices with a dim larger than ``max_precond_dim``, which are
-  blocked, keep full KL-Shampoo factors.
+  blocked, keep full KL-Shampoo factors. With ``dimension_numbers`` the rule
+  applies to each of a leaf's tensors (:mod:`kl_optax.dims`).
 
   Examples:
     >>> import jax.numpy as jnp, kl_optax
@@ -144,11 +171,12 @@ def pro_labels(tree, rank: int, restricted_side: str = "larger", *,
     >>> kl_optax.pro_labels(tree, rank=16)
     {'a': 'spike_flat', 'b': 'dense', 'c': 'dense'}
   """
-  def label(leaf):
-    sq = trees.squeezed_shape(leaf.shape)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  leaf_specs = dims_lib.resolve(dimension_numbers, tree, "pro_labels")
+  labels = []
+  for (path, leaf), spec in zip(flat, leaf_specs):
+    sq = tensor_shape(path, leaf, spec, "pro_labels")
     blocked = block_size is not None and max(sq, default=0) > (max_precond_dim or block_size)
-    if len(sq) == 2 and not blocked and sq[pro.restricted_mode(sq, restricted_side)] > rank:
-      return SPIKE_FLAT
-    return DENSE
-
-  return jax.tree.map(label, tree)
+    spike = len(sq) == 2 and not blocked and sq[pro.restricted_mode(sq, restricted_side)] > rank
+    labels.append(SPIKE_FLAT if spike else DENSE)
+  return treedef.unflatten(labels)

@@ -3,7 +3,8 @@
 :func:`kron_transform` is the one wrapper every recipe is built with. One
 update is a pipeline of named steps:
 
-1. :func:`kl_optax.plan_tensors` squeezes size-1 dims, cuts large dims into
+1. :func:`kl_optax.plan_tensors` splits leaves into their tensors along their
+   batch axes, groups modes, squeezes size-1 dims, cuts large dims into
    blocks and groups same-shape tensors; the state is checked against the plan;
 2. :func:`kl_optax.plan.pack` stacks the gradients per group (on a mesh:
    padded, then moved to the devices that own them);
@@ -44,8 +45,9 @@ class _Config(NamedTuple):
   block_size: int | None
   max_precond_dim: int | None
 
-  def plan(self, tree, where: str) -> plan_lib.TensorPlan:
-    return plan_lib.plan_tensors(tree, where, self.max_precond_dim, self.block_size)
+  def plan(self, tree, where: str, dimension_numbers: Any) -> plan_lib.TensorPlan:
+    return plan_lib.plan_tensors(tree, where, self.max_precond_dim, self.block_size,
+                                 dimension_numbers)
 
 
 # ----------------------------------------------------------------------------
@@ -191,8 +193,8 @@ def _is_placeholder(params) -> bool:
   return not jax.tree.leaves(params, is_leaf=trees.is_masked) and not isinstance(params, containers)
 
 
-def _init(config: _Config, params) -> KronTransformState:
-  tensor_plan = config.plan(params, "kron_transform.init")
+def _init(config: _Config, dimension_numbers, params) -> KronTransformState:
+  tensor_plan = config.plan(params, "kron_transform.init", dimension_numbers)
   count = jnp.zeros([], jnp.int32)
   if _is_placeholder(params):
     # The groups are unknown; an empty array leaf is a prefix of any groups, so
@@ -211,9 +213,10 @@ def _init(config: _Config, params) -> KronTransformState:
   return KronTransformState(count=count, groups=tuple(groups))
 
 
-def _update(config: _Config, updates, state: KronTransformState, params=None, **extra_args):
+def _update(config: _Config, dimension_numbers, updates, state: KronTransformState, params=None,
+            **extra_args):
   del params, extra_args
-  tensor_plan = config.plan(updates, "kron_transform.update")
+  tensor_plan = config.plan(updates, "kron_transform.update", dimension_numbers)
   count = optax.safe_increment(state.count)
   if not tensor_plan.group_sizes:
     return updates, KronTransformState(count=count, groups=state.groups)
@@ -238,12 +241,16 @@ def kron_transform(
     state_dtype: Any = None,
     block_size: int | None = None,
     max_precond_dim: int | None = None,
+    dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds an optax transformation from a sequence of :class:`~kl_optax.Part`.
 
   Every leaf of the tree the transformation is applied to is preconditioned:
   size-1 dims are squeezed and what remains must have order ≥ 2 (route other
   leaves elsewhere with ``optax.partition``, as the recipes do). With
+  ``dimension_numbers``, a leaf's batch axes make it a stack of tensors (one
+  per scanned layer or expert), each preconditioned on its own, and its other
+  axes are grouped into modes (:mod:`kl_optax.dims`). With
   ``block_size``, dims larger than ``max_precond_dim`` are cut into blocks of
   at most ``block_size`` and every block gets its own preconditioner. Tensors
   (blocks) of the same shape are stacked and processed together: one
@@ -274,6 +281,9 @@ def kron_transform(
       length (``None``: no blocking). Static.
     max_precond_dim: the largest dim kept whole when ``block_size`` is set
       (``None``: ``block_size``). Static.
+    dimension_numbers: batch axes and mode groups, per leaf or as a rule
+      (:class:`kl_optax.DimensionNumbers`, :func:`kl_optax.scanned`, ...;
+      ``None``: each leaf is one tensor and each axis a mode). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (extra keyword arguments of
@@ -302,4 +312,5 @@ def kron_transform(
   config = _Config(tuple(parts), validation.storage_dtype(state_dtype), block_size,
                    max_precond_dim)
   return optax.GradientTransformationExtraArgs(
-      functools.partial(_init, config), functools.partial(_update, config))
+      functools.partial(_init, config, dimension_numbers),
+      functools.partial(_update, config, dimension_numbers))
