@@ -8,9 +8,8 @@ what a long run needs around ``orbax.checkpoint.StandardCheckpointer``:
   and names the leaves whose shapes or dtypes differ, or that one side lacks;
 * restoring onto a mesh places every array with the target's sharding (use
   :func:`kl_optax.state_shardings` to build the target);
-* zero-size arrays (the placeholders of Pro-KLShampoo's restricted factors,
-  the empty group of a transformation with nothing to precondition), which
-  Orbax refuses to write, are left out and recreated on restore.
+* zero-size arrays, which Orbax refuses to write, are left out and recreated
+  on restore (no recipe's state holds one; a custom part's slots might).
 
 Resuming is bit-identical: the restored state, fed the same gradients, gives
 the same parameters as a run that never stopped (tested on CPU, across basis

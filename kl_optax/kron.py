@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg  # noqa: F401  (jax.scipy is not imported by jax)
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -143,8 +144,49 @@ def _batch_sequentially_on_cpu(fn):
   return wrapped
 
 
-_eigh = _batch_sequentially_on_cpu(jnp.linalg.eigh)
-_qr_orthonormal = _batch_sequentially_on_cpu(lambda x: jnp.linalg.qr(x)[0])
+_eigh_primal = _batch_sequentially_on_cpu(jnp.linalg.eigh)
+_qr_primal = _batch_sequentially_on_cpu(jnp.linalg.qr)
+_upper_inverse = _batch_sequentially_on_cpu(
+    lambda r: jax.scipy.linalg.solve_triangular(r, jnp.eye(r.shape[-1], dtype=r.dtype)))
+
+
+# The sequential wrapper (a custom_vmap) has no differentiation rule of its
+# own, so reverse mode could not pass it. These custom_jvp rules compute the
+# tangents from the decomposition's outputs with matmuls only (the formulas
+# of JAX's own eigh and qr rules), which reverse mode can transpose; the
+# decompositions themselves still go through the wrapper.
+
+
+@jax.custom_jvp
+def _eigh(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+  w, v = _eigh_primal(s)
+  return w, v
+
+
+@_eigh.defjvp
+def _eigh_jvp(primals, tangents):
+  (s,), (ds,) = primals, tangents
+  w, v = _eigh_primal(s)
+  vt_ds_v = jnp.matmul(v.T, jnp.matmul(ds, v, precision=HIGHEST), precision=HIGHEST)
+  eye = jnp.eye(w.shape[-1], dtype=w.dtype)
+  gaps = 1.0 / (eye + w[None, :] - w[:, None]) - eye
+  return (w, v), (jnp.diagonal(vt_ds_v), jnp.matmul(v, gaps * vt_ds_v, precision=HIGHEST))
+
+
+@jax.custom_jvp
+def _qr_orthonormal(x: jax.Array) -> jax.Array:
+  q, _ = _qr_primal(x)
+  return q
+
+
+@_qr_orthonormal.defjvp
+def _qr_orthonormal_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  q, r = _qr_primal(x)
+  dx_rinv = jnp.matmul(dx, _upper_inverse(r), precision=HIGHEST)
+  qt_dx_rinv = jnp.matmul(q.T, dx_rinv, precision=HIGHEST)
+  lower = jnp.tril(qt_dx_rinv, -1)
+  return q, jnp.matmul(q, lower - lower.T - qt_dx_rinv, precision=HIGHEST) + dx_rinv
 
 
 def eigh_descending(s: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -42,6 +42,8 @@ with the names of the slots the parts own.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 from typing import Any
 
@@ -473,8 +475,8 @@ def _static_tolerance(value: Any) -> Any:
 
 
 def _placeholder(factor: jax.Array) -> bool:
-  """Whether a mode keeps no dense factor (an empty placeholder; see ``Part.init_state``)."""
-  return factor.shape[0] == 0
+  """Whether a mode keeps no dense factor (a ``(1, d)`` placeholder; see ``Part.init_state``)."""
+  return factor.shape[0] != factor.shape[1]
 
 
 def _refresh_init(shape):
@@ -506,20 +508,49 @@ def _qr_iterations(s, q, tolerance, max_iters):
   """Warm-started QR iterations on ``B = QᵀSQ``, stopping once ``off(B) ≤ τ‖B‖``.
 
   Returns the new basis and the number of iterations run (0: ``Q`` was kept).
+  Without a tolerance exactly ``max_iters`` iterations run (a loop of fixed
+  length, which reverse-mode differentiation can pass); with one, a
+  ``while_loop``, which it cannot (:func:`_adaptive_iterations` says so).
   """
-
-  def keep_going(carry):
-    i, _, b = carry
-    converged = False if tolerance is None else off_diagonal_ratio(b) <= tolerance
-    return (i < max_iters) & jnp.logical_not(converged)
 
   def body(carry):
     i, q, b = carry
     qk = kron.qr_orthonormal(b)
     return i + 1, jnp.matmul(q, qk, precision=kron.HIGHEST), _rotated_basis(b, qk)
 
-  i, q, _ = jax.lax.while_loop(keep_going, body, (jnp.int32(0), q, _rotated_basis(s, q)))
+  start = (jnp.int32(0), q, _rotated_basis(s, q))
+  if tolerance is None:
+    i, q, _ = jax.lax.fori_loop(0, max_iters, lambda _, c: body(c), start)
+    return q, i
+  return _adaptive_iterations(s, q, tolerance, max_iters, body, start)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _adaptive_iterations(s, q, tolerance, max_iters, body, start):
+  del s, q
+
+  def keep_going(carry):
+    i, _, b = carry
+    return (i < max_iters) & (off_diagonal_ratio(b) > tolerance)
+
+  i, q, _ = jax.lax.while_loop(keep_going, body, start)
   return q, i
+
+
+def _adaptive_fwd(s, q, tolerance, max_iters, body, start):
+  return _adaptive_iterations(s, q, tolerance, max_iters, body, start), None
+
+
+def _adaptive_bwd(max_iters, body, res, cotangents):
+  raise ValueError(
+      "Reverse-mode differentiation (jax.grad) through an optimizer update cannot pass "
+      "the adaptive basis refresh: with refresh_tolerance (qr_basis_refresh(tolerance=...)) "
+      "the number of QR iterations depends on the data (a lax.while_loop). Differentiate "
+      "with refresh_tolerance=None (a fixed refresh: every precondition_frequency steps, "
+      "refresh_max_iters iterations).")
+
+
+_adaptive_iterations.defvjp(_adaptive_fwd, _adaptive_bwd)
 
 
 def qr_basis_refresh(

@@ -192,21 +192,22 @@ def _untensors(y: jax.Array, leaf_dims: dims_lib.LeafDims, shape: tuple[int, ...
   return jnp.transpose(y, inverse)
 
 
-def pack(plan: TensorPlan, leaves, padded_sizes=None) -> tuple[jax.Array, ...]:
-  """Stacks the float32 blocks of ``leaves`` per group, zero-padded to ``padded_sizes``.
+def pack(plan: TensorPlan, leaves, padded_sizes=None, dtype=jnp.float32) -> tuple[jax.Array, ...]:
+  """Stacks the blocks of ``leaves`` per group, zero-padded to ``padded_sizes``.
 
   Args:
     plan: the plan of ``leaves``.
     leaves: one array per leaf, in the plan's order.
     padded_sizes: the stack length of each group (``None``: no padding).
+    dtype: the stacks' dtype (the computation's).
 
   Returns:
-    One ``(n, *group_shape)`` float32 array per group.
+    One ``(n, *group_shape)`` array per group.
   """
   padded_sizes = plan.group_sizes if padded_sizes is None else padded_sizes
   pieces = [[] for _ in plan.group_sizes]
   for leaf, leaf_dims, sq, leaf_blocks in zip(leaves, plan.dims, plan.squeezed, plan.blocks):
-    x = _tensors(leaf.astype(jnp.float32), leaf_dims, sq)
+    x = _tensors(leaf.astype(dtype), leaf_dims, sq)
     for gi, _, starts, sizes in leaf_blocks:
       whole = sizes == sq
       pieces[gi].append(

@@ -25,7 +25,7 @@ State per restricted tensor, beside the dense left factor's ``S_a``, ``Q_a``,
 (``'spike_eigvals'``, ``r``), ``σ`` (``'flat'``, a scalar) and, optionally, the
 subspace accumulator ``Y`` (``'spike_sketch'``, ``n × r``). The restricted
 mode's dense factor, basis and eigenvalues in :class:`~kl_optax.KronState` are
-empty placeholders.
+one-row placeholders (``(1, n)``, ``(1,)``).
 """
 
 from __future__ import annotations
@@ -285,14 +285,19 @@ def _projection_slots(options: _ProjectionOptions, shape) -> dict[str, jax.Array
 
 
 def _without_restricted_factor(options: _ProjectionOptions, state: KronState) -> KronState:
-  """Empty placeholders for the restricted mode's dense factor, basis and eigenvalues."""
+  """One-row placeholders for the restricted mode's dense factor, basis and eigenvalues.
+
+  ``(1, n)`` (``(1,)`` for the eigenvalues) rather than empty: Orbax refuses
+  to save zero-size arrays, and ``n`` floats per tensor cost nothing beside
+  the ``n × r`` spike basis.
+  """
   shape = tuple(f.shape[-1] for f in state.factors)
   mode, _ = options.modes(shape)
   n = shape[mode]
   factors, bases, eigvals = list(state.factors), list(state.bases), list(state.eigvals)
-  factors[mode] = jnp.zeros((0, n), jnp.float32)
-  bases[mode] = jnp.zeros((0, n), jnp.float32)
-  eigvals[mode] = jnp.zeros((0,), jnp.float32)
+  factors[mode] = jnp.zeros((1, n), jnp.float32)
+  bases[mode] = jnp.zeros((1, n), jnp.float32)
+  eigvals[mode] = jnp.zeros((1,), jnp.float32)
   return state._replace(factors=tuple(factors), bases=tuple(bases), eigvals=tuple(eigvals))
 
 

@@ -134,12 +134,20 @@ def zero_nonfinite(max_abs: float = 1e15) -> optax.GradientTransformation:
     del params
     finite = jax.tree.map(jnp.isfinite, updates)
     out = jax.tree.map(
-        lambda g, f: jnp.where(f, jnp.clip(g, -cap, cap), jnp.zeros_like(g)).astype(g.dtype),
+        lambda g, f: jnp.where(f, _cap(g, cap), jnp.zeros_like(g)).astype(g.dtype),
         updates, finite)
     counts = jax.tree.map(lambda c, f: c + (~jnp.all(f)).astype(jnp.int32), state.counts, finite)
     return out, ZeroNonFiniteState(counts)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _cap(g: jax.Array, cap: float) -> jax.Array:
+  """``g`` with magnitudes above ``cap`` brought down to ``cap`` (complex: keeping the phase)."""
+  if jnp.issubdtype(g.dtype, jnp.complexfloating):
+    mag = jnp.abs(g)
+    return jnp.where(mag > cap, g * (cap / jnp.maximum(mag, cap)), g)
+  return jnp.clip(g, -cap, cap)
 
 
 def _paths(tree) -> list[str]:

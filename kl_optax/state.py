@@ -126,8 +126,8 @@ class Part(NamedTuple):
     init_state: ``KronState -> KronState`` applied to the initial state after
       the slots are created (``None``: nothing). A part that keeps a mode's
       factor in another form (:func:`kl_optax.spike_flat_projection`) uses it
-      to replace that mode's dense factor, basis and eigenvalues by empty
-      placeholders.
+      to replace that mode's dense factor, basis and eigenvalues by one-row
+      placeholders (``(1, d)``, ``(1,)``).
   """
 
   update: Callable[[TensorStep], TensorStep]

@@ -8,7 +8,7 @@ update is a pipeline of named steps:
    blocks and groups same-shape tensors; the state is checked against the plan;
 2. :func:`kl_optax.plan.pack` stacks the gradients per group (on a mesh:
    padded, then moved to the devices that own them);
-3. the stored state is cast to float32;
+3. the stored state is cast to the compute dtype (float32; float64 for float64 storage);
 4. one ``lax.cond`` picks the initialization step (``count == 0``:
    :func:`_initialize_tensor`) or the regular step (:func:`_update_tensor`),
    each run on every tensor of every group by
@@ -130,8 +130,13 @@ def _run_groups(tensor_fn, parts, states, grads, count):
   return tuple(r[0] for r in results), tuple(r[1] for r in results)
 
 
+def _compute_dtype(storage) -> Any:
+  """float32, or float64 for float64 storage (bfloat16 storage computes in float32)."""
+  return jnp.promote_types(storage, jnp.float32)
+
+
 def _cast_state(state: KronState, dtype) -> KronState:
-  """Casts factors, bases and floating slots; eigenvalue estimates stay float32."""
+  """Casts factors, bases and floating slots; eigenvalue estimates stay at least float32."""
 
   def cast(x):
     return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
@@ -139,14 +144,14 @@ def _cast_state(state: KronState, dtype) -> KronState:
   return KronState(
       factors=tuple(cast(x) for x in state.factors),
       bases=tuple(cast(x) for x in state.bases),
-      eigvals=tuple(x.astype(jnp.float32) for x in state.eigvals),
+      eigvals=tuple(x.astype(_compute_dtype(dtype)) for x in state.eigvals),
       slots={k: cast(v) for k, v in state.slots.items()},
   )
 
 
-def _pack_gradients(tensor_plan, leaves, padded) -> tuple[jax.Array, ...]:
+def _pack_gradients(tensor_plan, leaves, padded, dtype) -> tuple[jax.Array, ...]:
   """The gradient stacks; on a mesh, whole tensors move to the devices that own them."""
-  grads = plan_lib.pack(tensor_plan, leaves, padded)
+  grads = plan_lib.pack(tensor_plan, leaves, padded, dtype)
   mesh = sharding.context_mesh()
   if mesh is None:
     return grads
@@ -164,8 +169,9 @@ def _step(config: _Config, tensor_plan, padded, leaves, groups, count):
   and compiling its ``lax.cond`` branches on every call; under an outer
   ``jit`` it is inlined.
   """
-  grads = _pack_gradients(tensor_plan, leaves, padded)
-  states = tuple(_cast_state(g, jnp.float32) for g in groups)
+  compute = _compute_dtype(config.dtype)
+  grads = _pack_gradients(tensor_plan, leaves, padded, compute)
+  states = tuple(_cast_state(g, compute) for g in groups)
   new_states, outs = jax.lax.cond(
       count == 0,
       functools.partial(_run_groups, _initialize_tensor, config.parts),
@@ -276,7 +282,8 @@ def kron_transform(
     *parts: the parts, in the order they run.
     state_dtype: storage dtype of factors, bases and floating slots (``None``:
       float32; ``jnp.bfloat16`` halves their memory). Eigenvalue estimates
-      are always float32. All computation is float32.
+      are at least float32. Computation is float32 (float64 with
+      ``jnp.float64`` storage, under ``jax.enable_x64``).
     block_size: cut dims larger than ``max_precond_dim`` into blocks of this
       length (``None``: no blocking). Static.
     max_precond_dim: the largest dim kept whole when ``block_size`` is set

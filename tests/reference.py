@@ -395,8 +395,9 @@ class ProKLShampooReference:
 
   def set_bases(self, state_q, state_s):
     """Adopts the dense factor and basis after the initialization step (see KLShampooReference)."""
-    (q,) = [x for x in state_q if x.shape[0] > 0]
-    (s,) = [x for x in state_s if x.shape[0] > 0]
+    # The restricted mode holds a one-row placeholder; the dense mode is square.
+    (q,) = [x for x in state_q if x.shape[0] == x.shape[1]]
+    (s,) = [x for x in state_s if x.shape[0] == x.shape[1]]
     self.Q, self.S = np.array(q, np.float64), np.array(s, np.float64)
 
   def initialize(self, g):

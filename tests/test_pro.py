@@ -272,7 +272,9 @@ def test_state_bytes_follow_the_formula():
     state = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((m, n), jnp.float32)})
     leaves = jax.tree.leaves(state)
     floats = sum(x.size for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
-    assert floats == m * n + 2 * m * m + n * r + extra + m + r + 1
+    # momentum, the dense side's S_a and Q_a, U, Y, λ_a, λ, σ, and the
+    # restricted side's one-row placeholders for S, Q (n each) and λ (1).
+    assert floats == m * n + 2 * m * m + n * r + extra + m + r + 1 + 2 * n + 1
 
 
 def test_invalid_options_name_the_argument():

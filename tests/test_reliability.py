@@ -11,6 +11,7 @@ from kl_optax import kron
 
 RECIPES = {name: dict(spec.test_kwargs) for name, spec in kl_optax.RECIPES.items()}
 NAMES = list(RECIPES)
+RECIPES_PRECONDITIONERS = {n: s.preconditioner for n, s in kl_optax.RECIPES.items()}
 
 
 def make(name, learning_rate=1e-2, **kwargs):
@@ -398,11 +399,36 @@ def test_invalid_rank_names_the_argument():
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64], ids=["int32", "complex64"])
-def test_non_real_floating_leaves_name_the_path(name, dtype):
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_], ids=["int32", "bool"])
+def test_non_floating_leaves_name_the_path(name, dtype):
   params = {"layer": {"w": jnp.zeros((4, 3)), "bad": jnp.zeros((4, 3), dtype)}}
   with pytest.raises(TypeError, match=r"\['layer'\]\['bad'\]"):
     make(name).init(params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_complex_leaves_go_to_adamw(name):
+  # A complex leaf cannot carry a (real) Kronecker factor; it is routed to the
+  # AdamW fallback, which handles complex numbers, and trains as optax.adamw.
+  z0 = (jnp.arange(12.0) - 5.0).reshape(4, 3) * (1 + 0.5j)
+  params = {"w": jnp.ones((4, 3)), "z": z0.astype(jnp.complex64)}
+  tx = make(name)
+  ref = optax.adamw(1e-2, weight_decay=0.01)
+  state, ref_state = tx.init(params), ref.init(params["z"])
+  z = params["z"]
+  for t in range(3):
+    g = {"w": jnp.full((4, 3), 0.1 * (t + 1)),
+         "z": (jnp.cos(jnp.arange(12.0) + t) + 1j * jnp.sin(2.0 * jnp.arange(12.0))).reshape(4, 3)
+         .astype(jnp.complex64)}
+    updates, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    ref_u, ref_state = ref.update(g["z"], ref_state, z)
+    z = optax.apply_updates(z, ref_u)
+  assert params["z"].dtype == jnp.complex64
+  np.testing.assert_allclose(params["z"], z, rtol=1e-6, atol=1e-7)
+  assert float(jnp.abs(params["z"] - z0).max()) > 1e-3
+  with pytest.raises(TypeError, match=r"\['z'\].*complex64"):
+    RECIPES_PRECONDITIONERS[name]().init({"z": params["z"]})
 
 
 @pytest.mark.parametrize("name", NAMES)

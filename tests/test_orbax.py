@@ -1,0 +1,98 @@
+"""Plain Orbax checkpointing (the path most users take) of every recipe's state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import kl_optax
+
+NAMES = list(kl_optax.RECIPES)
+
+
+def make(name):
+  return kl_optax.RECIPES[name].make(1e-2, precondition_frequency=3)
+
+
+def _params():
+  k = jax.random.split(jax.random.key(0), 3)
+  return {"w": jax.random.normal(k[0], (6, 5)), "b": jnp.zeros((5,)),
+          "t": jax.random.normal(k[1], (2, 3, 4))}
+
+
+def _grads(t):
+  return jax.tree.map(lambda x: jnp.cos(x * (t + 1.0)) + 0.1 * t, _params())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_zero_size_arrays_in_state(name):
+  for params in (_params(), {"bias": jnp.zeros((5,)), "scale": jnp.ones((5,))}):
+    state = make(name).init(params)
+    empty = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+             if np.size(x) == 0]
+    assert not empty, empty
+
+
+def _steps(tx, params, state, start, n):
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(g, s, p)))
+  for t in range(start, start + n):
+    params, state = step(params, state, _grads(t))
+  return params, state
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_manager_resume_is_bit_identical(name, tmp_path):
+  tx = make(name)
+  params = _params()
+  p, s = _steps(tx, params, tx.init(params), 0, 5)   # refreshes at 3 ...
+  with ocp.CheckpointManager(tmp_path / "run") as mngr:
+    mngr.save(5, args=ocp.args.StandardSave({"params": p, "opt_state": s}))
+    mngr.wait_until_finished()
+  want_p, want_s = _steps(tx, p, s, 5, 5)             # ... and at 6, 9 after it
+  target = jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})
+  with ocp.CheckpointManager(tmp_path / "run") as mngr:
+    restored = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(target))
+  got_p, got_s = _steps(tx, restored["params"], restored["opt_state"], 5, 5)
+  jax.tree.map(np.testing.assert_array_equal, got_p, want_p)
+  jax.tree.map(np.testing.assert_array_equal, got_s, want_s)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nnx_optimizer_state_through_checkpoint_manager(name, tmp_path):
+  x = jax.random.normal(jax.random.key(1), (16, 6))
+  y = jax.random.normal(jax.random.key(2), (16, 5))
+
+  def build():
+    model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), jax.nn.tanh,
+                           nnx.Linear(8, 5, rngs=nnx.Rngs(1)))
+    return model, nnx.Optimizer(model, make(name), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+
+  model, optimizer = build()
+  for _ in range(4):
+    train_step(model, optimizer)
+  with ocp.CheckpointManager(tmp_path / "run") as mngr:
+    mngr.save(4, args=ocp.args.StandardSave(
+        {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}))
+    mngr.wait_until_finished()
+  for _ in range(4):
+    train_step(model, optimizer)
+
+  model2, optimizer2 = build()
+  target = {"model": nnx.state(model2), "optimizer": nnx.state(optimizer2)}
+  with ocp.CheckpointManager(tmp_path / "run") as mngr:
+    restored = mngr.restore(4, args=ocp.args.StandardRestore(target))
+  nnx.update(model2, restored["model"])
+  nnx.update(optimizer2, restored["optimizer"])
+  for _ in range(4):
+    train_step(model2, optimizer2)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model2), nnx.state(model))
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(optimizer2), nnx.state(optimizer))
