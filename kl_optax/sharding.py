@@ -19,7 +19,10 @@ The rule, for a :func:`~kl_optax.kron_transform` traced under
 
 :func:`state_shardings` returns these shardings for any optax transformation
 (for ``jit``'s ``out_shardings``, buffer donation and checkpoint restore).
-Without a mesh in context nothing is padded or constrained.
+Without a mesh in context nothing is padded or constrained: parameters
+placed on several devices with ``NamedSharding`` but an ``init`` outside
+``jax.set_mesh`` leave the Kronecker state whole on every device, and
+``init`` warns once (:func:`warn_if_sharded_without_mesh`) with the fix.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import itertools
 import math
 from collections.abc import Callable
 from typing import Any
+
+import warnings
 
 import jax
 import optax
@@ -46,7 +51,36 @@ __all__ = [
     "stack_axes",
     "stack_spec",
     "state_shardings",
+    "warn_if_sharded_without_mesh",
 ]
+
+_warned_without_mesh = False
+
+
+def warn_if_sharded_without_mesh(leaves, where: str) -> None:
+  """Warns (once per process) when arrays live on several devices but no mesh is set.
+
+  Without ``jax.set_mesh(mesh)`` around ``init`` and the train step, the
+  Kronecker state is neither padded nor sharded: every device would hold all
+  of it. Only concrete arrays are looked at (tracers carry no devices).
+  """
+  global _warned_without_mesh
+  if _warned_without_mesh or context_mesh() is not None:
+    return
+  for x in leaves:
+    sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+    if sharding is not None and not isinstance(x, jax.core.Tracer) and len(sharding.device_set) > 1:
+      _warned_without_mesh = True
+      mesh = getattr(sharding, "mesh", None)
+      shape = dict(mesh.shape) if mesh is not None else f"{len(sharding.device_set)} devices"
+      warnings.warn(
+          f"{where}: the parameters are placed on {len(sharding.device_set)} devices "
+          f"(mesh {shape}) but no mesh is set, so the optimizer state will not be spread "
+          "over them: each device would hold all of it. Call tx.init and the train step "
+          "under `with jax.set_mesh(mesh):` (and jit the init with "
+          "out_shardings=kl_optax.state_shardings(tx, params)); see docs/sharding.md.",
+          UserWarning, stacklevel=4)
+      return
 
 
 def context_mesh() -> jax.sharding.AbstractMesh | None:
@@ -165,6 +199,7 @@ def state_shardings(
     mesh: jax.sharding.Mesh | None = None,
     *,
     params_shardings: Any = None,
+    state: Any = None,
 ) -> Any:
   """The ``NamedSharding`` of every leaf of ``tx.init(params)`` on ``mesh``.
 
@@ -185,6 +220,15 @@ def state_shardings(
     mesh: the mesh (``None``: the one set with ``jax.set_mesh``).
     params_shardings: optional tree (matching ``params``) of ``NamedSharding``
       or ``PartitionSpec``.
+    state: an existing state (arrays or ``jax.ShapeDtypeStruct``) to lay
+      out instead of the one ``tx.init`` makes under ``mesh``. Without it the
+      shardings fit a state initialized under ``jax.set_mesh(mesh)``, whose
+      stacks are padded to a multiple of the devices; a state initialized
+      without a mesh has unpadded stacks, which those shardings cannot
+      divide. With it, each stack is sharded over the mesh axes whose sizes
+      divide its length (replicated if none do): ``jax.device_put(state,
+      state_shardings(tx, params, mesh, state=state))`` always works. (To
+      spread such a state evenly, initialize it again under the mesh.)
 
   Returns:
     A tree of ``NamedSharding`` with the structure of ``tx.init(params)``,
@@ -203,8 +247,11 @@ def state_shardings(
     True
   """
   mesh = _concrete_mesh(mesh)
-  with jax.set_mesh(mesh):
-    abstract = jax.eval_shape(tx.init, params)
+  if state is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  else:
+    with jax.set_mesh(mesh):
+      abstract = jax.eval_shape(tx.init, params)
   flat_params, ptreedef = jax.tree_util.tree_flatten(params)
   given = (
       [None] * len(flat_params)

@@ -207,6 +207,8 @@ def _init(config: _Config, dimension_numbers, params) -> KronTransformState:
     # that map_params leaves the stacks (which are not parameter-shaped) alone.
     return KronTransformState(count=count, groups=jnp.zeros((0,), jnp.float32))
   mesh = sharding.context_mesh()
+  if mesh is None and tensor_plan.group_sizes:
+    sharding.warn_if_sharded_without_mesh(jax.tree.leaves(params), "kron_transform.init")
   groups = []
   for shape, n in zip(tensor_plan.group_shapes, tensor_plan.group_sizes):
     n = sharding.padded_stack_size(n, mesh)

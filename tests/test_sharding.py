@@ -250,3 +250,29 @@ def test_inject_hyperparams_and_multisteps_under_a_mesh():
   for k in SHAPES:
     rel = float(jnp.max(jnp.abs(got[k] - want[k])) / jnp.max(jnp.abs(want[k])))
     assert rel <= 1e-5, (k, rel)
+
+
+def test_sharded_params_without_a_mesh_warn_once_with_the_fix(monkeypatch):
+  monkeypatch.setattr(kl_optax.sharding, "_warned_without_mesh", False)
+  mesh = _mesh(AxisType.Auto)
+  params, noise = _problem(steps=2)
+  params = _place(params, mesh)
+  tx = _tx("kl_shampoo")
+  with pytest.warns(UserWarning, match=r"no mesh is set.*jax\.set_mesh\(mesh\)"):
+    state = tx.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tx.init(params)                      # once per process
+    monkeypatch.setattr(kl_optax.sharding, "_warned_without_mesh", False)
+    with jax.set_mesh(mesh):
+      tx.init(params)                    # the documented path is silent
+  # An unpadded state (stacks of 2, 1 and 1 tensors) laid out on the 2 x 4
+  # mesh: state= gives shardings that fit it (the stack of 2 over "data", the
+  # others replicated).
+  shardings = kl_optax.state_shardings(tx, params, mesh, state=state)
+  placed = jax.device_put(state, shardings)
+  stacks = [g.factors[0] for g in kl_optax.kron_states(placed)[0].groups]
+  assert sorted(x.shape[0] for x in stacks) == [1, 1, 2]
+  assert {x.shape[0]: x.sharding.spec for x in stacks}[2] == P("data")
+  p, s = jax.jit(_train(tx))(params, placed, noise)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((p, s)))
