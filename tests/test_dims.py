@@ -275,3 +275,21 @@ def test_works_under_inject_hyperparams_and_multisteps():
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
   groups = kl_optax.kron_states(state)[0].groups
   assert [g.factors[0].shape for g in groups] == [(2, 4, 4)]
+
+
+def test_describe_shows_tensors_batch_axes_and_blocks():
+  params = {"blocks": {"w": jnp.zeros((3, 8, 40)), "scale": jnp.zeros((3, 8))},
+            "attn": jnp.zeros((8, 2, 4)), "emb": jnp.zeros((50, 8))}
+  layout = kl_optax.Layout(
+      precondition_mask=kl_optax.exclude("emb"), max_precond_dim=16, block_size=16,
+      dimension_numbers=kl_optax.scanned("blocks") | kl_optax.attention_heads("attn"))
+  lines = kl_optax.describe(params, layout, rank=2)
+  assert lines["['blocks']['w']"] == ("kron: 3 tensors (batch axes (0,)) of shape (8, 40), "
+                                     "cut into 3 blocks of at most 16; dense")
+  assert lines["['blocks']['scale']"] == "adam"
+  assert lines["['emb']"] == "adam"
+  assert lines["['attn']"] == "kron: 1 tensor of shape (8, 8) (modes ((0,), (1, 2))); spike_flat"
+  # The plan agrees: 3 layers x 3 blocks.
+  plan = kl_optax.plan_tensors({"w": params["blocks"]["w"]}, max_precond_dim=16, block_size=16,
+                               dimension_numbers=kl_optax.scanned())
+  assert sum(plan.group_sizes) == 9

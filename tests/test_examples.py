@@ -37,6 +37,19 @@ def test_shakespeare_example_runs(tmp_path, capsys):
   assert "validation loss" in out and "kl_shampoo" in out
 
 
+def test_shakespeare_example_runs_scanned(tmp_path, capsys):
+  example = _load(os.path.join(ROOT, "examples", "shakespeare_char.py"))
+  args = ["--steps", "6", "--batch", "4", "--context", "16", "--d-model", "16",
+          "--layers", "2", "--val-batches", "2", "--plot", ""]
+  runs = example.main(args + ["--scan"])
+  # 6 matrices per layer, held in 6 stacked leaves (the unrolled model: 12 leaves).
+  assert "preconditions 12 weight matrices in 6 leaves" in capsys.readouterr().out
+  for r in runs.values():
+    assert np.all(np.isfinite(r["train"])) and r["train"][-1] < r["train"][0]
+  example.main(args)
+  assert "preconditions 12 weight matrices in 12 leaves" in capsys.readouterr().out
+
+
 def test_char_gpt_benchmark_runs(tmp_path):
   from kl_optax.benchmarks import char_gpt
   report = char_gpt.main(["--d-model", "16", "--layers", "1", "--heads", "2", "--context", "16",
@@ -275,3 +288,15 @@ def test_eager_update_benchmark_runs(tmp_path):
   with open(tmp_path / "results.json") as f:
     assert [r["name"] for r in json.load(f)["rows"]] == ["adamw", "kl_shampoo"]
   assert "kl_shampoo" in (tmp_path / "results.md").read_text()
+
+
+def test_scanned_benchmark_runs(tmp_path):
+  from kl_optax.benchmarks import scanned
+  rows = scanned.main(["--layers", "2", "--d-model", "16", "--context", "8", "--batch", "2",
+                       "--steps", "2", "--rounds", "1", "--out", str(tmp_path)])
+  assert [r["config"] for r in rows] == list(scanned.CONFIGS)
+  base = next(r for r in rows if r["config"] == "adamw/scanned")
+  assert base["compile_vs_scanned_adamw"] == pytest.approx(1.0)
+  for r in rows:
+    assert r["compile_s"] > 0 and r["lower_s"] > 0 and r["median_ms"] > 0
+  assert "kl_shampoo/scanned" in (tmp_path / "results.md").read_text()

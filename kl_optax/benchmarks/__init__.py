@@ -13,6 +13,8 @@
   (``python -m kl_optax.benchmarks.char_gpt --help``).
 * :mod:`kl_optax.benchmarks.eager_update` — un-jitted against jitted updates
   (``python -m kl_optax.benchmarks.eager_update``).
+* :mod:`kl_optax.benchmarks.scanned` — compile and step time of the GPT with
+  scanned against unrolled layers (``python -m kl_optax.benchmarks.scanned``).
 
 The data and the models live outside this package, where the examples import
 them too: :mod:`kl_optax.datasets` (the Shakespeare character corpus from the
