@@ -9,7 +9,10 @@ what a long run needs around ``orbax.checkpoint.StandardCheckpointer``:
 * restoring onto a mesh places every array with the target's sharding (use
   :func:`kl_optax.state_shardings` to build the target);
 * zero-size arrays, which Orbax refuses to write, are left out and recreated
-  on restore (no recipe's state holds one; a custom part's slots might).
+  on restore (no recipe's state holds one; a custom part's slots might);
+* checkpoints of Pro-KLShampoo state written before its restricted-mode
+  placeholders had one row (they were empty, and left out) restore: the
+  placeholders, whose values are never read, are recreated.
 
 Resuming is bit-identical: the restored state, fed the same gradients, gives
 the same parameters as a run that never stopped (tested on CPU, across basis
@@ -63,19 +66,36 @@ def _is_empty(x) -> bool:
   return hasattr(x, "shape") and 0 in tuple(x.shape)
 
 
-def _strip_empty(tree):
-  """Zero-size arrays (Pro-KLShampoo's placeholders, empty groups) as ``None``: Orbax refuses them."""
-  return jax.tree.map(lambda x: None if _is_empty(x) else x, tree)
+def _strip_empty(tree, also=frozenset()):
+  """Zero-size arrays as ``None`` (Orbax refuses them), and the leaves named in ``also``."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: None if _is_empty(x) or _name(p) in also else x, tree)
 
 
-def _refill_empty(restored, target):
-  def fill(r, t):
-    if not _is_empty(t):
+def _is_pro_placeholder(name: str, x) -> bool:
+  """A stacked one-row placeholder of Pro-KLShampoo's restricted mode.
+
+  Checkpoints written before the placeholders had a row (they were empty and
+  left out) do not hold them; their values are never read, so they are
+  recreated as zeros.
+  """
+  shape = tuple(getattr(x, "shape", ()))
+  parts = name.split("/")
+  if len(parts) < 3:
+    return False
+  if parts[-2] in ("factors", "bases"):
+    return len(shape) == 3 and shape[1] == 1 < shape[2]
+  return parts[-2] == "eigvals" and len(shape) == 2 and shape[1] == 1
+
+
+def _refill_empty(restored, target, also=frozenset()):
+  def fill(p, r, t):
+    if not _is_empty(t) and _name(p) not in also:
       return r
     sharding = getattr(t, "sharding", None)
     return jax.device_put(np.zeros(t.shape, t.dtype), sharding) if sharding is not None \
         else jax.numpy.zeros(t.shape, t.dtype)
-  return jax.tree.map(fill, restored, target, is_leaf=lambda x: x is None)
+  return jax.tree_util.tree_map_with_path(fill, restored, target, is_leaf=lambda x: x is None)
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
@@ -135,7 +155,9 @@ def restore(path: str | os.PathLike, target: Any) -> Any:
     saved = _metadata_leaves(ckptr.metadata(path))
     wanted = {k: v for k, v in _leaves(target).items() if not _is_empty(v)}
     problems = []
-    for name in sorted(set(saved) | set(wanted)):
+    refilled = frozenset(k for k, v in wanted.items()
+                         if k not in saved and _is_pro_placeholder(k, v))
+    for name in sorted(set(saved) | set(wanted) - refilled):
       if name not in saved:
         problems.append(f"{name}: not in the checkpoint")
       elif name not in wanted:
@@ -153,8 +175,8 @@ def restore(path: str | os.PathLike, target: Any) -> Any:
           f"({len(problems)} leaves differ):\n  {shown}{more}\n"
           "Was it saved for a model or optimizer with other shapes?")
     abstract = target if _is_abstract(target) else abstract_like(target)
-    restored = ckptr.restore(path, _strip_empty(abstract))
-    return _refill_empty(restored, abstract)
+    restored = ckptr.restore(path, _strip_empty(abstract, refilled))
+    return _refill_empty(restored, abstract, refilled)
 
 
 def _is_abstract(tree) -> bool:

@@ -20,7 +20,10 @@ leaf. A recipe's ``dimension_numbers=`` takes, for the whole tree,
 * ``None`` (every leaf as it is);
 * a :class:`DimensionNumbers` (for every leaf);
 * a pytree of ``DimensionNumbers``/``None`` that is a prefix of the params;
-* a function of the params returning such a pytree;
+* a function of the params returning such a pytree (under
+  ``optax.inject_hyperparams`` a function passed as a recipe's keyword is
+  taken for a schedule: pass it inside ``kl_optax.Layout(...)``, list it in
+  ``static_args``, or use a rule);
 * a :class:`DimensionRule` from :func:`scanned`, :func:`attention_heads` or
   :func:`match`, combined with ``|`` (rules read leaf paths and shapes, so
   the same rule fits the params, the masked trees ``optax.partition`` passes
@@ -233,6 +236,9 @@ def scanned(*patterns: str, axis: int = 0) -> DimensionRule:
   def step(path, shape, dims):
     if not matches(path) or not shape:
       return dims
+    if not -len(shape) <= axis < len(shape):
+      raise ValueError(
+          f"kl_optax.scanned: leaf {path} has shape {shape}, which has no axis {axis}.")
     dims = dims or DimensionNumbers()
     a = axis % len(shape)
     if a in {b % len(shape) for b in dims.batch_axes}:
@@ -242,7 +248,8 @@ def scanned(*patterns: str, axis: int = 0) -> DimensionRule:
   return DimensionRule((step,))
 
 
-def attention_heads(*patterns: str, output: str = r"out") -> DimensionRule:
+def attention_heads(*patterns: str, output: str = r"\['out'\]",
+                    bias: str = r"\['bias'\]") -> DimensionRule:
   """Heads and head dims of matching attention leaves form one mode.
 
   Flax's ``MultiHeadAttention`` keeps its query, key and value kernels as
@@ -250,10 +257,12 @@ def attention_heads(*patterns: str, output: str = r"out") -> DimensionRule:
   output kernel as ``(heads, head_dim, d)``. As the model uses them, these
   are a ``d × (heads·head_dim)`` matrix, vectors, and a
   ``(heads·head_dim) × d`` matrix; this rule says so (and so the biases go
-  to the fallback, as biases do). Leaves whose path also matches ``output``
-  have their first two (non-batch) axes grouped, the others their last two.
-  Batch axes already chosen (``scanned(...) | attention_heads(...)``) are
-  kept.
+  to the fallback, as biases do). Among the matching leaves, those with three
+  (non-batch) axes whose path also matches ``output`` (Flax's ``['out']``)
+  have their first two axes grouped, the others their last two; those with
+  two whose path matches ``bias`` become vectors; every other leaf (a fused
+  ``(d, 3d)`` projection, say) is left as it is. Batch axes already chosen
+  (``scanned(...) | attention_heads(...)``) are kept.
 
   Examples:
     >>> import jax.numpy as jnp, kl_optax
@@ -267,17 +276,19 @@ def attention_heads(*patterns: str, output: str = r"out") -> DimensionRule:
   """
   matches = _searcher(patterns) if patterns else (lambda path: True)
   is_output = _searcher([output])
+  is_bias = _searcher([bias])
 
   def step(path, shape, dims):
     if not matches(path):
       return dims
+    before = dims
     dims = dims or DimensionNumbers()
     batch = {b % len(shape) for b in dims.batch_axes} if shape else set()
     rest = [a for a in range(len(shape)) if a not in batch]
     if dims.mode_axes is not None or len(rest) not in (2, 3):
-      return dims
+      return before
     if len(rest) == 2:
-      return dataclasses.replace(dims, mode_axes=(tuple(rest),))
+      return dataclasses.replace(dims, mode_axes=(tuple(rest),)) if is_bias(path) else before
     if is_output(path):
       return dataclasses.replace(dims, mode_axes=((rest[0], rest[1]), (rest[2],)))
     return dataclasses.replace(dims, mode_axes=((rest[0],), (rest[1], rest[2])))
@@ -287,6 +298,12 @@ def attention_heads(*patterns: str, output: str = r"out") -> DimensionRule:
 
 def match(rules: Mapping[str, DimensionNumbers | None]) -> DimensionRule:
   """The dimension numbers of the first pattern that matches a leaf's path (else unchanged).
+
+  After an earlier rule (``scanned(...) | match(...)``) the two are merged:
+  the batch axes of both, and the mode groups of ``match`` where it gives
+  them. Axes are the leaf's own, so an ``(L, E, d, f)`` scanned expert
+  kernel takes ``DimensionNumbers(batch_axes=(1,))`` for its expert axis. A
+  ``None`` value resets the leaf to no dimension numbers.
 
   Examples:
     >>> import kl_optax
@@ -302,7 +319,12 @@ def match(rules: Mapping[str, DimensionNumbers | None]) -> DimensionRule:
   def step(path, shape, dims):
     for c, d in compiled:
       if c.search(path):
-        return d
+        if d is None or dims is None:
+          return d
+        merged = dims.batch_axes + tuple(
+            a for a in d.batch_axes
+            if a % max(len(shape), 1) not in {b % max(len(shape), 1) for b in dims.batch_axes})
+        return DimensionNumbers(merged, d.mode_axes if d.mode_axes is not None else dims.mode_axes)
     return dims
 
   return DimensionRule((step,))
@@ -350,9 +372,10 @@ def resolve(spec: Any, tree: Any, where: str) -> list[DimensionNumbers | None]:
         f"{where}: dimension_numbers must be a prefix of the params tree, or a function "
         f"of the params returning one, or a rule such as kl_optax.scanned(...): {e}") from None
   out = []
-  for d, sub in zip(jax.tree.leaves(spec, is_leaf=_is_spec_leaf), subtrees):
+  spec_leaves = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_spec_leaf)[0]
+  for (path, d), sub in zip(spec_leaves, subtrees):
     if not _is_spec_leaf(d):
-      raise TypeError(f"{where}: dimension_numbers leaves must be DimensionNumbers or None, "
-                      f"got {d!r}.")
+      raise TypeError(f"{where}: dimension_numbers at {trees.leaf_path(path)} is {d!r}; its "
+                      "leaves must be DimensionNumbers or None.")
     out.extend([d] * len(jax.tree.leaves(sub)))
   return out

@@ -155,6 +155,18 @@ _upper_inverse = _batch_sequentially_on_cpu(
 # tangents from the decomposition's outputs with matmuls only (the formulas
 # of JAX's own eigh and qr rules), which reverse mode can transpose; the
 # decompositions themselves still go through the wrapper.
+#
+# Unlike JAX's rules they stay finite where the derivative does not exist:
+# optimizer factors are often rank deficient (a zero gradient, fewer samples
+# than rows), with repeated (zero) eigenvalues and singular QR inputs. There
+# the rotation inside a repeated eigenspace, or the component along a
+# vanishing pivot, gets a zero tangent (the derivative of any quantity that
+# does not depend on that arbitrary choice); elsewhere they are JAX's rules.
+
+
+def _tiny(values: jax.Array) -> jax.Array:
+  """The magnitude below which eigenvalue gaps or pivots count as zero."""
+  return values.shape[-1] * jnp.finfo(values.dtype).eps * jnp.max(jnp.abs(values))
 
 
 @jax.custom_jvp
@@ -168,8 +180,9 @@ def _eigh_jvp(primals, tangents):
   (s,), (ds,) = primals, tangents
   w, v = _eigh_primal(s)
   vt_ds_v = jnp.matmul(v.T, jnp.matmul(ds, v, precision=HIGHEST), precision=HIGHEST)
-  eye = jnp.eye(w.shape[-1], dtype=w.dtype)
-  gaps = 1.0 / (eye + w[None, :] - w[:, None]) - eye
+  diff = w[None, :] - w[:, None]
+  apart = jnp.abs(diff) > _tiny(w)
+  gaps = jnp.where(apart, 1.0 / jnp.where(apart, diff, 1.0), 0.0)
   return (w, v), (jnp.diagonal(vt_ds_v), jnp.matmul(v, gaps * vt_ds_v, precision=HIGHEST))
 
 
@@ -183,6 +196,9 @@ def _qr_orthonormal(x: jax.Array) -> jax.Array:
 def _qr_orthonormal_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
   q, r = _qr_primal(x)
+  # A vanishing pivot becomes an infinite one: that component of R⁻¹ is zero.
+  d = jnp.diagonal(r)
+  r = r + jnp.diag(jnp.where(jnp.abs(d) > _tiny(d), 0.0, jnp.inf))
   dx_rinv = jnp.matmul(dx, _upper_inverse(r), precision=HIGHEST)
   qt_dx_rinv = jnp.matmul(q.T, dx_rinv, precision=HIGHEST)
   lower = jnp.tril(qt_dx_rinv, -1)

@@ -504,53 +504,60 @@ def _rotated_basis(s: jax.Array, q: jax.Array) -> jax.Array:
   return jnp.matmul(q.T, jnp.matmul(s, q, precision=kron.HIGHEST), precision=kron.HIGHEST)
 
 
+def _qr_step(q, b):
+  """One QR iteration on ``B = QᵀSQ``: ``Q_i R_i = qr(B); Q ← Q Q_i; B ← Q_iᵀ B Q_i``."""
+  qk = kron.qr_orthonormal(b)
+  return jnp.matmul(q, qk, precision=kron.HIGHEST), _rotated_basis(b, qk)
+
+
 def _qr_iterations(s, q, tolerance, max_iters):
   """Warm-started QR iterations on ``B = QᵀSQ``, stopping once ``off(B) ≤ τ‖B‖``.
 
   Returns the new basis and the number of iterations run (0: ``Q`` was kept).
   Without a tolerance exactly ``max_iters`` iterations run (a loop of fixed
-  length, which reverse-mode differentiation can pass); with one, a
-  ``while_loop``, which it cannot (:func:`_adaptive_iterations` says so).
+  length); with one, a ``while_loop`` stops early (:func:`_adaptive_iterations`).
+  Both can be differentiated in forward and reverse mode.
   """
-
-  def body(carry):
-    i, q, b = carry
-    qk = kron.qr_orthonormal(b)
-    return i + 1, jnp.matmul(q, qk, precision=kron.HIGHEST), _rotated_basis(b, qk)
-
-  start = (jnp.int32(0), q, _rotated_basis(s, q))
   if tolerance is None:
-    i, q, _ = jax.lax.fori_loop(0, max_iters, lambda _, c: body(c), start)
-    return q, i
-  return _adaptive_iterations(s, q, tolerance, max_iters, body, start)
+    q, _ = jax.lax.fori_loop(0, max_iters, lambda _, c: _qr_step(*c), (q, _rotated_basis(s, q)))
+    return q, jnp.int32(max_iters)
+  q, n = _adaptive_iterations(s, q, tolerance, max_iters)
+  return q, n.astype(jnp.int32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _adaptive_iterations(s, q, tolerance, max_iters, body, start):
-  del s, q
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _adaptive_iterations(s, q, tolerance, max_iters):
+  """The adaptive iterations as a ``while_loop``; the count is returned as a float."""
 
   def keep_going(carry):
     i, _, b = carry
     return (i < max_iters) & (off_diagonal_ratio(b) > tolerance)
 
-  i, q, _ = jax.lax.while_loop(keep_going, body, start)
-  return q, i
+  def body(carry):
+    i, q, b = carry
+    return (i + 1, *_qr_step(q, b))
+
+  i, q, _ = jax.lax.while_loop(keep_going, body, (jnp.int32(0), q, _rotated_basis(s, q)))
+  return q, i.astype(jnp.float32)
 
 
-def _adaptive_fwd(s, q, tolerance, max_iters, body, start):
-  return _adaptive_iterations(s, q, tolerance, max_iters, body, start), None
+@_adaptive_iterations.defjvp
+def _adaptive_iterations_jvp(max_iters, primals, tangents):
+  # The number of iterations is locally constant; the tangent replays that
+  # many iterations in a loop of fixed length (later ones masked), which
+  # reverse mode can transpose, unlike the while_loop.
+  s, q, tolerance = primals
+  ds, dq, _ = tangents
+  q_out, n = _adaptive_iterations(s, q, tolerance, max_iters)
 
+  def replay(s, q):
+    def body(k, carry):
+      new = _qr_step(*carry)
+      return tuple(jnp.where(k < n, a, b) for a, b in zip(new, carry))
+    return jax.lax.fori_loop(0, max_iters, body, (q, _rotated_basis(s, q)))[0]
 
-def _adaptive_bwd(max_iters, body, res, cotangents):
-  raise ValueError(
-      "Reverse-mode differentiation (jax.grad) through an optimizer update cannot pass "
-      "the adaptive basis refresh: with refresh_tolerance (qr_basis_refresh(tolerance=...)) "
-      "the number of QR iterations depends on the data (a lax.while_loop). Differentiate "
-      "with refresh_tolerance=None (a fixed refresh: every precondition_frequency steps, "
-      "refresh_max_iters iterations).")
-
-
-_adaptive_iterations.defvjp(_adaptive_fwd, _adaptive_bwd)
+  _, dq_out = jax.jvp(replay, (s, q), (ds, dq))
+  return (q_out, n), (dq_out, jnp.zeros_like(n))
 
 
 def qr_basis_refresh(

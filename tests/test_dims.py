@@ -293,3 +293,27 @@ def test_describe_shows_tensors_batch_axes_and_blocks():
   plan = kl_optax.plan_tensors({"w": params["blocks"]["w"]}, max_precond_dim=16, block_size=16,
                                dimension_numbers=kl_optax.scanned())
   assert sum(plan.group_sizes) == 9
+
+
+def test_rules_compose_and_leave_other_leaves_alone():
+  heads = kl_optax.attention_heads(r"\['attn'\]")
+  # A fused (d, 3d) projection is a matrix already; a query kernel whose name
+  # contains "out" is not the output projection.
+  assert heads.for_leaf("['attn']['c_attn']['kernel']", (16, 48)) is None
+  assert heads.for_leaf("['attn']['query_dropout_proj']['kernel']", (16, 2, 8)) == \
+      kl_optax.DimensionNumbers(mode_axes=((0,), (1, 2)))
+  assert heads.for_leaf("['attn']['out']['kernel']", (2, 8, 16)) == \
+      kl_optax.DimensionNumbers(mode_axes=((0, 1), (2,)))
+  # Scanned attention: the layer axis stays a batch axis.
+  both = kl_optax.scanned("blocks") | heads
+  assert both.for_leaf("['blocks']['attn']['key']['kernel']", (4, 16, 2, 8)) == \
+      kl_optax.DimensionNumbers(batch_axes=(0,), mode_axes=((1,), (2, 3)))
+  # match merges with what came before: a scanned expert kernel keeps its layer axis.
+  moe = kl_optax.scanned("blocks") | kl_optax.match(
+      {"experts": kl_optax.DimensionNumbers(batch_axes=(1,))})
+  assert moe.for_leaf("['blocks']['moe']['experts']['w']", (2, 4, 8, 16)) == \
+      kl_optax.DimensionNumbers(batch_axes=(0, 1))
+  with pytest.raises(ValueError, match=r"\['x'\].*no axis 3"):
+    kl_optax.scanned(axis=3).for_leaf("['x']", (2, 3, 4))
+  with pytest.raises(TypeError, match=r"\['a'\]"):
+    kl_optax.kron_labels({"a": jnp.zeros((2, 2))}, dimension_numbers={"a": "layers"})

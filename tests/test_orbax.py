@@ -96,3 +96,23 @@ def test_nnx_optimizer_state_through_checkpoint_manager(name, tmp_path):
     train_step(model2, optimizer2)
   jax.tree.map(np.testing.assert_array_equal, nnx.state(model2), nnx.state(model))
   jax.tree.map(np.testing.assert_array_equal, nnx.state(optimizer2), nnx.state(optimizer))
+
+
+def test_pro_checkpoint_without_placeholders_restores(tmp_path):
+  # Pro-KLShampoo checkpoints written while the restricted-mode placeholders
+  # were empty (and so left out) hold no such leaves; they restore, and resume
+  # exactly: the placeholders are never read.
+  tx = make("pro_kl_shampoo")
+  params = _params()
+  p, s = _steps(tx, params, tx.init(params), 0, 4)
+  flat = jax.tree_util.tree_flatten_with_path(s)[0]
+  names = [kl_optax.checkpoint._name(path) for path, _ in flat]
+  placeholders = {n for n, (_, x) in zip(names, flat) if kl_optax.checkpoint._is_pro_placeholder(n, x)}
+  assert len(placeholders) == 3        # the restricted mode's S, Q and λ of the (6, 5) matrix
+  old = kl_optax.checkpoint._strip_empty(s, frozenset(placeholders))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "old", old)
+  restored = kl_optax.checkpoint.restore(tmp_path / "old", jax.eval_shape(tx.init, params))
+  want = _steps(tx, p, s, 4, 4)
+  got = _steps(tx, p, restored, 4, 4)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
