@@ -7,8 +7,9 @@ Ready-made optimizers (``kl_optax.recipes``)
   ``shampoo`` and ``eshampoo``, each with its ``scale_by_*`` preconditioner;
   ``with_adam_fallback``; the table of recipes ``RECIPES``.
 Static options (``kl_optax.options``)
-  ``Layout`` (routing, blocking, storage dtype) and ``Fallback`` (the AdamW of
-  the other leaves).
+  ``Layout`` (routing, blocking, storage dtype, dimension numbers),
+  ``Fallback`` (the AdamW of the other leaves) and ``describe`` (one line per
+  leaf: routing, tensors, batch axes, blocks).
 Composable parts (``kl_optax.parts``, ``kl_optax.pro``, ``kl_optax.newton_schulz``)
   Pure functions over an explicit per-tensor state: statistics
   (``kl_factor_update``, ``shampoo_factor_update``, ``ema_eigenvalues``,
@@ -24,8 +25,7 @@ The wrapper (``kl_optax.transform``) and the tensor plan (``kl_optax.plan``)
   ``kron_transform`` turns parts into an optax transformation; ``plan_tensors``
   shows how leaves are squeezed, blocked and grouped.
 Routing (``kl_optax.routing``)
-  ``kron_labels``, ``pro_labels``, ``exclude`` and ``describe`` (one line per
-  leaf: routing, tensors, batch axes, blocks).
+  ``kron_labels``, ``pro_labels`` and ``exclude``.
 Dimension numbers (``kl_optax.dims``)
   ``DimensionNumbers`` (batch axes and mode groups of a leaf: scanned layers,
   experts, attention heads) and the rules ``scanned``, ``attention_heads``,
@@ -53,7 +53,7 @@ from kl_optax.newton_schulz import (
     orthogonalize,
     scale_by_newton_schulz,
 )
-from kl_optax.options import Fallback, Layout
+from kl_optax.options import Fallback, Layout, describe
 from kl_optax.parts import (
     adam_grafting,
     adam_in_eigenbasis,
@@ -79,7 +79,7 @@ from kl_optax.pro import (
     spike_flat_whiten,
 )
 from kl_optax.recipes import *  # noqa: F401,F403  (the recipes of RECIPES)
-from kl_optax.routing import describe, exclude, kron_labels, pro_labels
+from kl_optax.routing import exclude, kron_labels, pro_labels
 from kl_optax.safety import check_gradients, skip_nonfinite, zero_nonfinite
 from kl_optax.sharding import state_shardings
 from kl_optax.state import (

@@ -29,11 +29,15 @@ from typing import Any
 
 import jax
 
+import math
+
 from kl_optax import dims
+from kl_optax import plan as plan_lib
 from kl_optax import routing
+from kl_optax import trees
 from kl_optax import validation
 
-__all__ = ["Fallback", "Layout", "resolve"]
+__all__ = ["Fallback", "Layout", "describe", "resolve"]
 
 # Old keyword -> field of Layout / Fallback.
 _LAYOUT_KEYWORDS = ("precondition_mask", "weight_decay_mask", "max_precond_dim", "block_size",
@@ -173,6 +177,69 @@ class Fallback:
     validation.check_range("Fallback.b2", self.b2, 0.0, 1.0)
     validation.check_range("Fallback.eps", self.eps, 0.0, None)
     validation.check_range("Fallback.weight_decay", self.weight_decay, 0.0, None)
+
+
+def describe(params: Any, layout: Any = None, *, rank: int | None = None,
+             restricted_side: str = "larger") -> dict[str, str]:
+  """How every leaf is optimized, one line per leaf path: routing, tensors, blocks.
+
+  A readable view of ``kl_optax.kron_labels`` (and, with ``rank``, of
+  ``kl_optax.pro_labels``) under a :class:`Layout`: for a Kronecker leaf
+  the shape of its tensors after mode grouping and squeezing, how many it
+  holds along which batch axes, and its blocks.
+
+  Args:
+    params: the parameters (only shapes and dtypes are read).
+    layout: a ``kl_optax.Layout`` (``None``: the default).
+    rank: Pro-KLShampoo's rank: also say which tensors get a spike-and-flat factor.
+    restricted_side: Pro-KLShampoo's restricted side.
+
+  Returns:
+    ``{path: description}`` in leaf order.
+
+  Examples:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> params = {'blocks': {'w': jnp.zeros((12, 64, 256)), 'scale': jnp.zeros((12, 64))},
+    ...           'qkv': jnp.zeros((64, 4, 16))}
+    >>> layout = kl_optax.Layout(dimension_numbers=kl_optax.scanned('blocks')
+    ...                          | kl_optax.attention_heads('qkv'))
+    >>> for path, line in kl_optax.describe(params, layout, rank=8).items():
+    ...   print(path, '->', line)
+    ['blocks']['scale'] -> adam
+    ['blocks']['w'] -> kron: 12 tensors (batch axes (0,)) of shape (64, 256); spike_flat
+    ['qkv'] -> kron: 1 tensor of shape (64, 64) (modes ((0,), (1, 2))); spike_flat
+  """
+  layout = Layout() if layout is None else layout
+  labels = jax.tree.leaves(layout.labels(params))
+  pro = (jax.tree.leaves(routing.pro_labels(params, rank, restricted_side,
+                                            block_size=layout.block_size,
+                                    max_precond_dim=layout.max_precond_dim,
+                                    dimension_numbers=layout.dimension_numbers))
+         if rank is not None else [None] * len(labels))
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  specs = dims.resolve(layout.dimension_numbers, params, "describe")
+  out = {}
+  for (path, leaf), label, pro_label, spec in zip(flat, labels, pro, specs):
+    name = trees.leaf_path(path)
+    if label != routing.KRON:
+      out[name] = label
+      continue
+    leaf_dims = dims.leaf_dims(name, tuple(leaf.shape), spec, "describe")
+    sq = trees.squeezed_shape(leaf_dims.modes)
+    n = leaf_dims.count
+    line = f"kron: {n} tensor{'s' if n > 1 else ''}"
+    if spec is not None and spec.batch_axes:
+      line += f" (batch axes {tuple(a % leaf.ndim for a in spec.batch_axes)})"
+    line += f" of shape {sq}"
+    if spec is not None and spec.mode_axes is not None:
+      line += f" (modes {spec.mode_axes})"
+    ranges = [plan_lib.block_ranges(d, layout.max_precond_dim, layout.block_size) for d in sq]
+    if any(len(r) > 1 for r in ranges):
+      line += f", cut into {math.prod(len(r) for r in ranges)} blocks of at most {layout.block_size}"
+    if pro_label is not None:
+      line += f"; {pro_label}"
+    out[name] = line
+  return out
 
 
 def _warn(where: str, old: str, new: str) -> None:

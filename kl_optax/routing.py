@@ -45,7 +45,6 @@ __all__ = [
     "KRON",
     "MAX_FACTOR_RATIO",
     "SPIKE_FLAT",
-    "describe",
     "exclude",
     "kron_labels",
     "pro_labels",
@@ -129,70 +128,6 @@ def tensor_shape(path, leaf, dims: dims_lib.DimensionNumbers | None, where: str)
   name = path if isinstance(path, str) else trees.leaf_path(path)
   leaf_dims = dims_lib.leaf_dims(name, tuple(int(d) for d in leaf.shape), dims, where)
   return trees.squeezed_shape(leaf_dims.modes)
-
-
-def describe(params: Any, layout: Any = None, *, rank: int | None = None,
-             restricted_side: str = "larger") -> dict[str, str]:
-  """How every leaf is optimized, one line per leaf path: routing, tensors, blocks.
-
-  A readable view of :func:`kron_labels` (and, with ``rank``, of
-  :func:`pro_labels`) under a :class:`kl_optax.Layout`: for a Kronecker leaf
-  the shape of its tensors after mode grouping and squeezing, how many it
-  holds along which batch axes, and its blocks.
-
-  Args:
-    params: the parameters (only shapes and dtypes are read).
-    layout: a ``kl_optax.Layout`` (``None``: the default).
-    rank: Pro-KLShampoo's rank: also say which tensors get a spike-and-flat factor.
-    restricted_side: Pro-KLShampoo's restricted side.
-
-  Returns:
-    ``{path: description}`` in leaf order.
-
-  Examples:
-    >>> import jax.numpy as jnp, kl_optax
-    >>> params = {'blocks': {'w': jnp.zeros((12, 64, 256)), 'scale': jnp.zeros((12, 64))},
-    ...           'qkv': jnp.zeros((64, 4, 16))}
-    >>> layout = kl_optax.Layout(dimension_numbers=kl_optax.scanned('blocks')
-    ...                          | kl_optax.attention_heads('qkv'))
-    >>> for path, line in kl_optax.describe(params, layout, rank=8).items():
-    ...   print(path, '->', line)
-    ['blocks']['scale'] -> adam
-    ['blocks']['w'] -> kron: 12 tensors (batch axes (0,)) of shape (64, 256); spike_flat
-    ['qkv'] -> kron: 1 tensor of shape (64, 64) (modes ((0,), (1, 2))); spike_flat
-  """
-  from kl_optax import options  # the Layout lives there; options imports this module
-  from kl_optax import plan as plan_lib
-  layout = options.Layout() if layout is None else layout
-  labels = jax.tree.leaves(layout.labels(params))
-  pro = (jax.tree.leaves(pro_labels(params, rank, restricted_side, block_size=layout.block_size,
-                                    max_precond_dim=layout.max_precond_dim,
-                                    dimension_numbers=layout.dimension_numbers))
-         if rank is not None else [None] * len(labels))
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  specs = dims_lib.resolve(layout.dimension_numbers, params, "describe")
-  out = {}
-  for (path, leaf), label, pro_label, spec in zip(flat, labels, pro, specs):
-    name = trees.leaf_path(path)
-    if label != KRON:
-      out[name] = label
-      continue
-    leaf_dims = dims_lib.leaf_dims(name, tuple(leaf.shape), spec, "describe")
-    sq = trees.squeezed_shape(leaf_dims.modes)
-    n = leaf_dims.count
-    line = f"kron: {n} tensor{'s' if n > 1 else ''}"
-    if spec is not None and spec.batch_axes:
-      line += f" (batch axes {tuple(a % leaf.ndim for a in spec.batch_axes)})"
-    line += f" of shape {sq}"
-    if spec is not None and spec.mode_axes is not None:
-      line += f" (modes {spec.mode_axes})"
-    ranges = [plan_lib.block_ranges(d, layout.max_precond_dim, layout.block_size) for d in sq]
-    if any(len(r) > 1 for r in ranges):
-      line += f", cut into {math.prod(len(r) for r in ranges)} blocks of at most {layout.block_size}"
-    if pro_label is not None:
-      line += f"; {pro_label}"
-    out[name] = line
-  return out
 
 
 def exclude(*patterns: str) -> Callable[[Any], Any]:

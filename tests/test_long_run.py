@@ -18,7 +18,8 @@ def _drift(state):
   for st in kl_optax.kron_states(state):
     for g in st.groups:
       spike = [g.slots["spike_basis"]] if "spike_basis" in g.slots else []   # n × r, UᵀU = I
-      for q in list(g.bases) + spike:
+      # Pro-KLShampoo's restricted mode keeps a one-row placeholder basis.
+      for q in [b for b in g.bases if b.shape[-2] == b.shape[-1]] + spike:
         if q.shape[-2] > 0:
           qtq = jnp.einsum("nij,nik->njk", q, q, precision=jax.lax.Precision.HIGHEST)
           worst = jnp.maximum(worst, jnp.abs(qtq - jnp.eye(q.shape[-1])).max())
