@@ -276,3 +276,34 @@ def test_sharded_params_without_a_mesh_warn_once_with_the_fix(monkeypatch):
   assert {x.shape[0]: x.sharding.spec for x in stacks}[2] == P("data")
   p, s = jax.jit(_train(tx))(params, placed, noise)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((p, s)))
+
+
+def test_scanned_leaves_shard_and_train_like_single_device():
+  # A (4, 16, 8) scanned leaf: its 4 layer slices join the stacks (padded to
+  # the 8 devices under the mesh); the stacked bias goes to AdamW.
+  tx = _tx("kl_shampoo", dimension_numbers=kl_optax.scanned("layers"))
+  key = jax.random.key(1)
+  params = {"layers": jax.random.normal(key, (4, 16, 8)), "layers_bias": jnp.zeros((4, 8))}
+  noise = jax.tree.map(lambda x: jax.random.normal(jax.random.fold_in(key, x.ndim), (8,) + x.shape),
+                       params)
+
+  def train(params, state, noise):
+    def body(carry, n):
+      p, s = carry
+      u, s = tx.update(jax.tree.map(lambda w, e: (w - 1.0) + e, p, n), s, p)
+      return (optax.apply_updates(p, u), s), None
+    return jax.lax.scan(body, (params, state), noise)[0]
+
+  want, _ = jax.jit(train)(params, tx.init(params), noise)
+  mesh = _mesh(AxisType.Auto)
+  specs = {"layers": P(None, "data", "model"), "layers_bias": P(None, "model")}
+  with jax.set_mesh(mesh):
+    p = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
+    shardings = kl_optax.state_shardings(tx, p)
+    state = jax.jit(tx.init, out_shardings=shardings)(p)
+    stacks = [g.factors[0] for g in _kron_groups(state)]
+    assert [x.shape[0] for x in stacks] == [8]            # 4 slices, padded to 8 devices
+    got, _ = jax.jit(train)(p, state, noise)
+  for k in params:
+    rel = float(jnp.max(jnp.abs(got[k] - want[k])) / jnp.max(jnp.abs(want[k])))
+    assert rel <= 1e-5, (k, rel)
