@@ -116,3 +116,25 @@ def test_pro_checkpoint_without_placeholders_restores(tmp_path):
   want = _steps(tx, p, s, 4, 4)
   got = _steps(tx, p, restored, 4, 4)
   jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_scanned_state_through_checkpoint_manager(tmp_path):
+  tx = kl_optax.kl_shampoo(1e-2, precondition_frequency=3,
+                           dimension_numbers=kl_optax.scanned("blocks"))
+  params = {"blocks": {"w": jax.random.normal(jax.random.key(0), (3, 6, 5)),
+                       "b": jnp.zeros((3, 5))}}
+  grads = lambda t: jax.tree.map(lambda x: jnp.sin(x * (t + 1.0)) + 0.1, params)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+  p, s = params, tx.init(params)
+  for t in range(4):
+    p, s = step(p, s, grads(t))
+  with ocp.CheckpointManager(tmp_path / "run") as mngr:
+    mngr.save(4, args=ocp.args.StandardSave({"params": p, "opt_state": s}))
+    mngr.wait_until_finished()
+    restored = mngr.restore(4, args=ocp.args.StandardRestore(
+        jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})))
+  a, b = (p, s), (restored["params"], restored["opt_state"])
+  for t in range(4, 8):
+    a = step(*a, grads(t))
+    b = step(*b, grads(t))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
