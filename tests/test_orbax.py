@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import kl_optax
+from nnx_problem import nnx_regression
 
 NAMES = list(kl_optax.RECIPES)
 
@@ -63,18 +64,7 @@ def test_checkpoint_manager_resume_is_bit_identical(name, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_nnx_optimizer_state_through_checkpoint_manager(name, tmp_path):
-  x = jax.random.normal(jax.random.key(1), (16, 6))
-  y = jax.random.normal(jax.random.key(2), (16, 5))
-
-  def build():
-    model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), jax.nn.tanh,
-                           nnx.Linear(8, 5, rngs=nnx.Rngs(1)))
-    return model, nnx.Optimizer(model, make(name), wrt=nnx.Param)
-
-  @nnx.jit
-  def train_step(model, optimizer):
-    grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-    optimizer.update(model, grads)
+  build, train_step = nnx_regression(lambda: make(name), out=5)
 
   model, optimizer = build()
   for _ in range(4):

@@ -99,19 +99,8 @@ def test_restore_into_a_mismatched_model_names_the_leaves(tmp_path):
 
 def test_nnx_optimizer_checkpoint_resumes_bit_identically(tmp_path):
   from flax import nnx
-  rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
-
-  def build():
-    model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), jax.nn.tanh,
-                           nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
-    return model, nnx.Optimizer(model, make("kl_shampoo"), wrt=nnx.Param)
-
-  @nnx.jit
-  def train_step(model, optimizer):
-    grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-    optimizer.update(model, grads)
+  from nnx_problem import nnx_regression
+  build, train_step = nnx_regression(lambda: make("kl_shampoo"))
 
   model, optimizer = build()
   for _ in range(5):

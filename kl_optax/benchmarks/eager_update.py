@@ -22,11 +22,9 @@ update), which is what every example does.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -35,6 +33,7 @@ import numpy as np
 import optax
 
 import kl_optax
+from kl_optax.benchmarks import harness
 
 __all__ = ["OPTIMIZERS", "main", "measure", "small_tree"]
 
@@ -112,14 +111,7 @@ def main(argv=None) -> list[dict]:
            "|---|---|---|---|---|---|"]
   lines += [f"| {r['name']} | {r['first_s']:.2f} | {r['eager_ms']:.1f} | {r['eager_vs_adamw']:.1f} "
             f"| {r['jit_ms']:.2f} | {r['max_abs_diff']:.1e} |" for r in rows]
-  print("\n".join(lines))
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"command": "python -m kl_optax.benchmarks.eager_update "
-               + " ".join(sys.argv[1:] if argv is None else argv), "device": device.device_kind,
-               "jax": jax.__version__, "rows": rows}, f, indent=1)
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  harness.write_report(args.out, "kl_optax.benchmarks.eager_update", argv, rows, lines)
   return rows
 
 

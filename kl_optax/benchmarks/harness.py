@@ -12,7 +12,10 @@ by their ratio to ``optax.adamw`` measured in the same process.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,7 +39,25 @@ __all__ = [
     "train",
     "update_cost",
     "warmup_cosine",
+    "write_report",
 ]
+
+
+def write_report(out: str, module: str, argv, rows: list[dict], lines: list[str]) -> None:
+  """Prints ``lines`` (a markdown table) and writes ``results.md`` and ``results.json`` to ``out``.
+
+  The JSON holds the command that reproduces the run (``python -m <module> <argv>``),
+  the device, the JAX version and ``rows``.
+  """
+  print("\n".join(lines))
+  os.makedirs(out, exist_ok=True)
+  args = sys.argv[1:] if argv is None else argv
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump({"command": " ".join(["python -m", module, *args]),
+               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows},
+              f, indent=1)
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
 
 
 def warmup_cosine(peak: float, steps: int, warmup_frac: float = 0.1,

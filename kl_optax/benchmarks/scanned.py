@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
 import kl_optax
 from kl_optax import models
+from kl_optax.benchmarks import harness
 
 __all__ = ["CONFIGS", "main", "measure_compile"]
 
@@ -138,14 +136,7 @@ def main(argv=None) -> list[dict]:
             f"| {r['compile_vs_scanned_adamw']:.2f} | {r['median_ms']:.1f} "
             f"| {r['median_vs_scanned_adamw']:.2f} | {r['mean_ms']:.1f} "
             f"| {r['mean_vs_scanned_adamw']:.2f} |" for r in rows]
-  print("\n".join(lines))
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"command": "python -m kl_optax.benchmarks.scanned "
-               + " ".join(sys.argv[1:] if argv is None else argv), "device": device.device_kind,
-               "jax": jax.__version__, "rows": rows}, f, indent=1)
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  harness.write_report(args.out, "kl_optax.benchmarks.scanned", argv, rows, lines)
   return rows
 
 
