@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 # ends on short tests, instead of one worker finishing a long one while the
 # others wait. (The order within a file is kept.)
 _LONG_FIRST = ("tests/test_examples.py", "tests/test_properties.py", "tests/test_cpu_lapack.py",
-               "tests/test_layout.py", "tests/test_sharding.py")
+               "tests/test_layout.py", "tests/test_sharding.py", "tests/test_dims.py",
+               "tests/test_grad.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """Dimension numbers: scanned layers, experts and attention heads, against their unstacked forms."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,12 @@ def _loss_and_grads(model):
   return params, jax.jit(jax.value_and_grad(loss))
 
 
+@functools.lru_cache(maxsize=1)
+def _scanned_gpt():
+  """The scanned GPT's parameters and jitted loss-and-gradient (compiled once for all recipes)."""
+  return _loss_and_grads(models.GPT(dataclasses.replace(CFG, scan=True), nnx.Rngs(1)))
+
+
 def _batch(t):
   return jax.random.randint(jax.random.key(t), (4, CFG.context + 1), 0, CFG.vocab_size)
 
@@ -66,8 +73,7 @@ def test_scanned_gpt_trains_as_the_unrolled_one(name, steps=20):
   eigenbases of rank-deficient factors turn a 1-ulp difference into 1e-3
   after 20 steps for the Adam-in-eigenbasis recipes, whichever layout.)
   """
-  scanned = models.GPT(dataclasses.replace(CFG, scan=True), nnx.Rngs(1))
-  params, value_and_grad = _loss_and_grads(scanned)
+  params, value_and_grad = _scanned_gpt()
   spec = kl_optax.RECIPES[name]
   layout = kl_optax.Layout(precondition_mask=kl_optax.exclude(*models.ADAM_LEAVES))
   tx_s = spec.make(3e-3, precondition_frequency=4, layout=layout,
@@ -206,10 +212,11 @@ def test_blocking_inside_slices_matches_unstacked():
   p_s = {"w": jax.random.normal(jax.random.key(0), (2, 6, 10))}
   p_u = {"w": [p_s["w"][0], p_s["w"][1]]}
   st_s, st_u = tx_s.init(p_s), tx_u.init(p_u)
+  up_s, up_u = jax.jit(tx_s.update), jax.jit(tx_u.update)
   for t in range(5):
     g = jax.random.normal(jax.random.key(t + 1), (2, 6, 10))
-    u_s, st_s = tx_s.update({"w": g}, st_s, p_s)
-    u_u, st_u = tx_u.update({"w": [g[0], g[1]]}, st_u, p_u)
+    u_s, st_s = up_s({"w": g}, st_s, p_s)
+    u_u, st_u = up_u({"w": [g[0], g[1]]}, st_u, p_u)
     np.testing.assert_allclose(u_s["w"], jnp.stack(u_u["w"]), rtol=1e-5, atol=1e-7)
 
 

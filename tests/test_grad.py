@@ -40,7 +40,8 @@ def test_grad_through_updates(name):
   # precondition_frequency=1: every differentiated step refreshes the bases
   # (eshampoo's with its default adaptive refresh).
   tx = kl_optax.RECIPES[name].make(1e-2, precondition_frequency=1)
-  grads = jax.jit(jax.grad(lambda p: _unrolled_loss(tx, p, 3)))(_params())
+  # The initialization and one update with a refresh.
+  grads = jax.jit(jax.grad(lambda p: _unrolled_loss(tx, p, 2)))(_params())
   for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
     assert bool(jnp.all(jnp.isfinite(g))), path
   assert float(jnp.abs(grads["w"]).max()) > 0

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import kl_optax
@@ -83,6 +84,14 @@ def test_resume_from_checkpoint_is_bit_identical(name, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, got_p, want_p)
   jax.tree.map(np.testing.assert_array_equal, got_s, want_s)
   assert jax.tree.structure(got_s) == jax.tree.structure(want_s)
+  # Plain Orbax, the path most users take, saves and restores the same state.
+  with ocp.CheckpointManager(tmp_path / "run") as mngr:
+    mngr.save(8, args=ocp.args.StandardSave({"params": p, "opt_state": s}))
+    mngr.wait_until_finished()
+    restored = mngr.restore(8, args=ocp.args.StandardRestore(target))
+  got_p, got_s = _run(step, restored["params"], restored["opt_state"], 7, start=8)
+  jax.tree.map(np.testing.assert_array_equal, got_p, want_p)
+  jax.tree.map(np.testing.assert_array_equal, got_s, want_s)
 
 
 def test_restore_into_a_mismatched_model_names_the_leaves(tmp_path):
