@@ -31,9 +31,10 @@ Dimension numbers (``kl_optax.dims``)
   experts, attention heads) and the rules ``scanned``, ``attention_heads``,
   ``match``.
 Inspection (``kl_optax.inspection``)
-  ``kron_states``, ``adam_states``, ``refresh_counts``, ``nonfinite_skips``.
+  ``kron_states``, ``adam_states``, ``refresh_counts``, ``nonfinite_skips``,
+  ``spike_clips``.
 Non-finite values (``kl_optax.safety``)
-  ``zero_nonfinite``, ``skip_nonfinite``, ``check_gradients``.
+  ``zero_nonfinite``, ``skip_nonfinite``, ``check_gradients``, ``spike_guard``.
 Sharding (``kl_optax.sharding``)
   ``state_shardings``: the optimizer-state shardings for a params sharding.
 Checkpoints (``kl_optax.checkpoint``)
@@ -45,7 +46,7 @@ Kronecker linear algebra is in ``kl_optax.kron``; checks of options in
 
 from kl_optax import checkpoint, dims, inspection, kron, plan, recipes, trees
 from kl_optax.dims import DimensionNumbers, DimensionRule, attention_heads, match, scanned
-from kl_optax.inspection import adam_states, kron_states, nonfinite_skips, refresh_counts
+from kl_optax.inspection import adam_states, kron_states, nonfinite_skips, refresh_counts, spike_clips
 from kl_optax.newton_schulz import (
     EXACT_COEFFICIENTS,
     MUON_COEFFICIENTS,
@@ -80,13 +81,14 @@ from kl_optax.pro import (
 )
 from kl_optax.recipes import *  # noqa: F401,F403  (the recipes of RECIPES)
 from kl_optax.routing import exclude, kron_labels, pro_labels
-from kl_optax.safety import check_gradients, skip_nonfinite, zero_nonfinite
+from kl_optax.safety import check_gradients, skip_nonfinite, spike_guard, zero_nonfinite
 from kl_optax.sharding import state_shardings
 from kl_optax.state import (
     KronState,
     KronTransformState,
     Part,
     SkipNonFiniteState,
+    SpikeGuardState,
     TensorStep,
     ZeroNonFiniteState,
     init_kron_state,
@@ -106,6 +108,7 @@ __all__ = sorted([
     "MUON_COEFFICIENTS",
     "Part",
     "SkipNonFiniteState",
+    "SpikeGuardState",
     "SpikeFlat",
     "TensorStep",
     "ZeroNonFiniteState",
@@ -149,7 +152,9 @@ __all__ = sorted([
     "spike_flat_moment_match",
     "spike_flat_projection",
     "spike_flat_reexpress",
+    "spike_clips",
     "spike_flat_whiten",
+    "spike_guard",
     "state_shardings",
     "trees",
     "whiten",

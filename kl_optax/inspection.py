@@ -20,10 +20,12 @@ from kl_optax.state import (
     KronState,
     KronTransformState,
     SkipNonFiniteState,
+    SpikeGuardState,
     ZeroNonFiniteState,
 )
 
-__all__ = ["adam_states", "group_name", "kron_states", "nonfinite_skips", "refresh_counts"]
+__all__ = ["adam_states", "group_name", "kron_states", "nonfinite_skips", "refresh_counts",
+           "spike_clips"]
 
 _STATES = (KronTransformState, SkipNonFiniteState, ZeroNonFiniteState)
 
@@ -119,3 +121,30 @@ def nonfinite_skips(opt_state) -> dict[str, Any]:
     (0, [1])
   """
   return _counters(opt_state, NONFINITE_SKIPS)
+
+
+def spike_clips(opt_state, params: Any = None) -> dict[str, Any]:
+  """Steps in which :func:`kl_optax.spike_guard` scaled a gradient back, per leaf.
+
+  Args:
+    opt_state: an optimizer state.
+    params: the parameters (or any tree of their structure), to name the
+      leaves by path; without them the keys are the leaves' positions in
+      ``jax.tree.leaves`` order (``"leaf 0"``, …).
+
+  Examples:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> tx = kl_optax.kl_shampoo(1e-3)
+    >>> params = {'w': jnp.zeros((4, 3)), 'b': jnp.zeros(3)}
+    >>> state = tx.init(params)
+    >>> kl_optax.spike_clips(state, params)
+    {"['b']": 0, "['w']": 0}
+  """
+  names = None if params is None else [
+      trees.leaf_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  out: dict[str, Any] = {}
+  for node in trees.find_states(opt_state, SpikeGuardState):
+    counts = node.clips if isinstance(node.clips, jax.core.Tracer) else [int(c) for c in node.clips]
+    for i in range(node.clips.shape[0]):
+      out[names[i] if names else f"leaf {i}"] = counts[i]
+  return out

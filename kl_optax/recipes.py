@@ -142,6 +142,7 @@ def with_adam_fallback(
     *,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
+    spike_threshold: Any = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Completes a preconditioner into an optimizer and routes other leaves to AdamW.
@@ -155,7 +156,10 @@ def with_adam_fallback(
   and are blocked there, so the preconditioner must be built with the same
   layout.
 
-  A preconditioned tensor whose gradient, statistics or update would not be
+  A leaf's gradient whose norm jumps above ``spike_threshold`` times its
+  running average is first scaled back to that (:func:`kl_optax.spike_guard`),
+  so that a gradient spike enters neither the step nor the statistics. A
+  preconditioned tensor whose gradient, statistics or update would not be
   finite skips the step (see :func:`kl_optax.kron_transform`); the AdamW
   branch zeroes non-finite gradient entries (:func:`kl_optax.zero_nonfinite`);
   gradients that do not match the state raise an error naming the leaf
@@ -167,6 +171,7 @@ def with_adam_fallback(
     weight_decay: decoupled weight decay of both branches.
     layout: the routing (:class:`kl_optax.Layout`).
     fallback: AdamW's settings (:class:`kl_optax.Fallback`).
+    spike_threshold: the spike guard's threshold (``None``: no guard).
     **legacy: the keywords ``layout`` and ``fallback`` replaced
       (``precondition_mask=``, ``adam_b1=``, …), accepted with a
       ``DeprecationWarning``.
@@ -196,9 +201,12 @@ def with_adam_fallback(
   )
   # The Kronecker branch guards its own state per tensor (kron_transform); the
   # AdamW branch zeroes non-finite gradient entries (elementwise, fused).
-  return safety.check_gradients(optax.partition(
+  routed = optax.partition(
       {routing.KRON: kron_branch, routing.FALLBACK: optax.chain(safety.zero_nonfinite(), adam_branch)},
-      layout.labels))
+      layout.labels)
+  if spike_threshold is not None:
+    routed = optax.chain(safety.spike_guard(spike_threshold), routed)
+  return safety.check_gradients(routed)
 
 
 def kl_shampoo(
@@ -216,6 +224,7 @@ def kl_shampoo(
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
+    spike_threshold: Any = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""KL-Shampoo: Shampoo's Kronecker factors fitted by KL minimization.
@@ -248,6 +257,9 @@ def kl_shampoo(
       as ``Layout(dimension_numbers=...)``. Static.
     layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
     fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    spike_threshold: a leaf's gradient whose norm exceeds this many times
+      its running average is scaled back to it before the optimizer sees it
+      (:func:`kl_optax.spike_guard`; ``None``: off).
     **legacy: older keywords, see :mod:`kl_optax.options`.
 
   Returns:
@@ -276,7 +288,8 @@ def kl_shampoo(
       scale_by_kl_shampoo(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                           refresh_tolerance=refresh_tolerance,
                           refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
-      learning_rate, weight_decay, layout=layout, fallback=fallback)
+      learning_rate, weight_decay, layout=layout, fallback=fallback,
+      spike_threshold=spike_threshold)
 
 
 def scale_by_kl_soap(
@@ -374,6 +387,7 @@ def kl_soap(
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
+    spike_threshold: Any = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""KL-SOAP: Adam in the eigenbasis of Kronecker factors fitted by KL minimization.
@@ -404,6 +418,9 @@ def kl_soap(
       as ``Layout(dimension_numbers=...)``. Static.
     layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
     fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    spike_threshold: a leaf's gradient whose norm exceeds this many times
+      its running average is scaled back to it before the optimizer sees it
+      (:func:`kl_optax.spike_guard`; ``None``: off).
     **legacy: older keywords, see :mod:`kl_optax.options`.
 
   Returns:
@@ -427,7 +444,8 @@ def kl_soap(
       scale_by_kl_soap(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                        refresh_tolerance=refresh_tolerance,
                        refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
-      learning_rate, weight_decay, layout=layout, fallback=fallback)
+      learning_rate, weight_decay, layout=layout, fallback=fallback,
+      spike_threshold=spike_threshold)
 
 
 def scale_by_soap(
@@ -513,6 +531,7 @@ def soap(
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
+    spike_threshold: Any = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors (a baseline).
@@ -542,6 +561,9 @@ def soap(
       as ``Layout(dimension_numbers=...)``. Static.
     layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
     fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    spike_threshold: a leaf's gradient whose norm exceeds this many times
+      its running average is scaled back to it before the optimizer sees it
+      (:func:`kl_optax.spike_guard`; ``None``: off).
     **legacy: older keywords, see :mod:`kl_optax.options`.
 
   Returns:
@@ -561,7 +583,8 @@ def soap(
   return with_adam_fallback(
       scale_by_soap(b1, b2, eps, precondition_frequency, refresh_tolerance=refresh_tolerance,
                     refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
-      learning_rate, weight_decay, layout=layout, fallback=fallback)
+      learning_rate, weight_decay, layout=layout, fallback=fallback,
+      spike_threshold=spike_threshold)
 
 
 def scale_by_shampoo(
@@ -644,6 +667,7 @@ def shampoo(
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
+    spike_threshold: Any = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Shampoo with Adam grafting (a baseline).
@@ -672,6 +696,9 @@ def shampoo(
       as ``Layout(dimension_numbers=...)``. Static.
     layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
     fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    spike_threshold: a leaf's gradient whose norm exceeds this many times
+      its running average is scaled back to it before the optimizer sees it
+      (:func:`kl_optax.spike_guard`; ``None``: off).
     **legacy: older keywords, see :mod:`kl_optax.options`.
 
   Returns:
@@ -691,7 +718,8 @@ def shampoo(
   return with_adam_fallback(
       scale_by_shampoo(b1, b2, eps, precondition_frequency, graft_eps=graft_eps,
                        refresh_tolerance=refresh_tolerance, layout=layout.without_masks()),
-      learning_rate, weight_decay, layout=layout, fallback=fallback)
+      learning_rate, weight_decay, layout=layout, fallback=fallback,
+      spike_threshold=spike_threshold)
 
 
 def scale_by_eshampoo(
@@ -770,6 +798,7 @@ def eshampoo(
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
+    spike_threshold: Any = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenvalue-corrected Shampoo with adaptive basis refresh (a baseline).
@@ -798,6 +827,9 @@ def eshampoo(
       as ``Layout(dimension_numbers=...)``. Static.
     layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
     fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    spike_threshold: a leaf's gradient whose norm exceeds this many times
+      its running average is scaled back to it before the optimizer sees it
+      (:func:`kl_optax.spike_guard`; ``None``: off).
     **legacy: older keywords, see :mod:`kl_optax.options`.
 
   Returns:
@@ -818,7 +850,8 @@ def eshampoo(
       scale_by_eshampoo(b1, b2, eps, precondition_frequency,
                         refresh_tolerance=refresh_tolerance,
                         refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
-      learning_rate, weight_decay, layout=layout, fallback=fallback)
+      learning_rate, weight_decay, layout=layout, fallback=fallback,
+      spike_threshold=spike_threshold)
 
 
 def scale_by_pro_kl_shampoo(
@@ -939,6 +972,7 @@ def pro_kl_shampoo(
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
+    spike_threshold: Any = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Pro-KLShampoo: KL-Shampoo with a spike-and-flat factor and an orthogonalized complement.
@@ -983,6 +1017,9 @@ def pro_kl_shampoo(
       as ``Layout(dimension_numbers=...)``. Static.
     layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
     fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    spike_threshold: a leaf's gradient whose norm exceeds this many times
+      its running average is scaled back to it before the optimizer sees it
+      (:func:`kl_optax.spike_guard`; ``None``: off).
     **legacy: older keywords, see :mod:`kl_optax.options`.
 
   Returns:
@@ -1013,7 +1050,8 @@ def pro_kl_shampoo(
           init_factor=init_factor, max_clamp=max_clamp, restricted_side=restricted_side,
           ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, accumulate=accumulate,
           refresh_tolerance=refresh_tolerance, refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
-      learning_rate, weight_decay, layout=layout, fallback=fallback)
+      learning_rate, weight_decay, layout=layout, fallback=fallback,
+      spike_threshold=spike_threshold)
 
 
 # ----------------------------------------------------------------------------

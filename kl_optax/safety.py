@@ -29,11 +29,13 @@ import jax.numpy as jnp
 import optax
 
 from kl_optax import trees
-from kl_optax.state import KronTransformState, SkipNonFiniteState, ZeroNonFiniteState
+from kl_optax import validation
+from kl_optax.state import KronTransformState, SkipNonFiniteState, SpikeGuardState, ZeroNonFiniteState
 
 __all__ = [
     "check_gradients",
     "skip_nonfinite",
+    "spike_guard",
     "zero_nonfinite",
 ]
 
@@ -142,6 +144,98 @@ def zero_nonfinite(max_abs: float = 1e15) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def spike_guard(threshold: float | None = 10.0, decay: float = 0.98,
+                warmup: int = 5) -> optax.GradientTransformation:
+  """Scales back a gradient whose norm jumps far above its running average; counts, per leaf.
+
+  A Kronecker preconditioner whitens this step's momentum with the previous
+  step's statistics, so a sudden gradient a million times larger than usual
+  makes one step ~1e5 times too long, and it enters the factor and
+  eigenvalue averages, which take ~1/(1 − b2) steps to forget it. This guard
+  keeps such a spike out of both: per leaf, with ``s = max |g|`` the size of
+  its gradient and ``a`` the bias-corrected exponential average (``decay``)
+  of its past sizes, a gradient with ``s > threshold · a`` is scaled by
+  ``threshold · a / s`` before anything sees it, and the scaled size is what
+  enters ``a``. The first ``warmup`` steps are never scaled (they set the
+  average: a large gradient at the start of training is normal). Zero and
+  non-finite sizes leave the average alone (the non-finite policy handles the
+  latter). A gradient that stays no further than ``threshold`` times above
+  the average passes unchanged, bit for bit; the largest entry, unlike a
+  norm, never overflows, and costs one reduction per leaf.
+
+  Args:
+    threshold: how many times its running average a leaf's gradient size
+      may reach (``None``: the guard does nothing and keeps no state).
+    decay: keep factor of the running average of sizes.
+    warmup: steps before the guard may act.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`SpikeGuardState`
+    (one entry per leaf, in ``jax.tree.leaves`` order, in three small
+    vectors; ``kl_optax.spike_clips(state, params)`` names them).
+
+  Examples:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> tx = kl_optax.spike_guard(threshold=10.0, warmup=2)
+    >>> state = tx.init({'w': jnp.zeros(3)})
+    >>> for scale in (1.0, 1.0, 1.0, 1e6):
+    ...   g, state = tx.update({'w': jnp.full(3, scale)}, state)
+    >>> float(jnp.max(g['w'])) <= 10.0 * 1.0001, state.clips.tolist()
+    (True, [1])
+  """
+  if threshold is None:
+    return optax.identity()
+  validation.check_range("spike threshold", threshold, 1.0, None, low_open=True)
+  validation.check_range("spike decay", decay, 0.0, 1.0)
+  warmup = validation.static_int(warmup, "warmup", default=5)
+
+  def init_fn(params):
+    n = len(jax.tree.leaves(params))
+    return SpikeGuardState(count=jnp.zeros([], jnp.int32), sizes=jnp.zeros((n,), jnp.float32),
+                           weight=jnp.zeros((n,), jnp.float32), clips=jnp.zeros((n,), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    flat = jax.tree.leaves(updates)
+    if len(flat) != state.sizes.shape[0]:
+      raise ValueError(
+          f"spike_guard: the gradients have {len(flat)} leaves, the state was initialized "
+          f"for {state.sizes.shape[0]}. Was it initialized with different parameters?")
+    if not flat:
+      return updates, state._replace(count=optax.safe_increment(state.count))
+    # Every leaf's size, then the guard's logic once on the vectors of them.
+    scale, sizes, weight, clipped = _guard(jnp.stack([_size(g) for g in flat]), state.sizes,
+                                           state.weight, state.count >= warmup, threshold, decay)
+    # Unscaled leaves are multiplied by exactly 1: they pass bit for bit.
+    out = [g * scale[i].astype(g.dtype) for i, g in enumerate(flat)]
+    return jax.tree.unflatten(jax.tree.structure(updates), out), SpikeGuardState(
+        optax.safe_increment(state.count), sizes, weight,
+        state.clips + clipped.astype(jnp.int32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _size(g: jax.Array) -> jax.Array:
+  """The largest magnitude in ``g``, in float32 (0 for an empty leaf): the guard's statistic.
+
+  One reduction per leaf, finite for any finite gradient (a norm's sum of
+  squares would overflow for 1e30-sized entries).
+  """
+  return jnp.max(jnp.abs(g)).astype(jnp.float32) if g.size else jnp.float32(0.0)
+
+
+def _guard(size, avg, weight, active, threshold, decay):
+  """The guard on vectors of sizes: per-leaf scale (1 or smaller), new average and weight, clips."""
+  cap = threshold * avg / jnp.maximum(weight, 1e-30)
+  clip = active & (weight > 0) & (size > cap) & jnp.isfinite(size)
+  scale = jnp.where(clip, cap / jnp.where(clip, size, 1.0), 1.0)
+  seen = jnp.where(clip, cap, size)
+  # Steps without a usable norm (zero, non-finite) keep the average as it is.
+  usable = jnp.isfinite(seen) & (seen > 0)
+  return (scale, jnp.where(usable, decay * avg + (1.0 - decay) * seen, avg),
+          jnp.where(usable, decay * weight + (1.0 - decay), weight), clip)
+
+
 def _cap(g: jax.Array, cap: float) -> jax.Array:
   """``g`` with magnitudes above ``cap`` brought down to ``cap`` (complex: keeping the phase)."""
   if jnp.issubdtype(g.dtype, jnp.complexfloating):
@@ -224,7 +318,7 @@ def _check_matches(updates, state) -> None:
     if isinstance(node, SkipNonFiniteState):   # its counters are scalars per leaf
       visit(node.inner_state)
       return
-    if isinstance(node, ZeroNonFiniteState):
+    if isinstance(node, (ZeroNonFiniteState, SpikeGuardState)):   # scalars per leaf
       return
     if isinstance(node, KronTransformState):   # checks its own gradients
       return

@@ -40,6 +40,7 @@ __all__ = [
     "Part",
     "Shape",
     "SkipNonFiniteState",
+    "SpikeGuardState",
     "ZeroNonFiniteState",
     "TensorStep",
     "init_kron_state",
@@ -179,6 +180,25 @@ class ZeroNonFiniteState(NamedTuple):
   """
 
   counts: Any
+
+
+class SpikeGuardState(NamedTuple):
+  """State of :func:`kl_optax.spike_guard`: one entry per leaf, in ``jax.tree.leaves`` order.
+
+  Attributes:
+    count: gradients seen (int32).
+    sizes: the exponential average of each leaf's (guarded) gradient size
+      ``max |g|``, not bias-corrected (float32 vector).
+    weight: the total weight of each average, ``1 − decay^n`` over the ``n``
+      steps that entered it (float32 vector; the bias correction).
+    clips: the number of steps in which each leaf's gradient was scaled back
+      (int32 vector).
+  """
+
+  count: jax.Array
+  sizes: jax.Array
+  weight: jax.Array
+  clips: jax.Array
 
 
 def init_kron_state(shape: Shape, slots: Mapping[str, jax.Array] | None = None) -> KronState:
