@@ -206,8 +206,10 @@ def spike_guard(threshold: float | None = 10.0, decay: float = 0.98,
     # Every leaf's size, then the guard's logic once on the vectors of them.
     scale, sizes, weight, clipped = _guard(jnp.stack([_size(g) for g in flat]), state.sizes,
                                            state.weight, state.count >= warmup, threshold, decay)
-    # Unscaled leaves are multiplied by exactly 1: they pass bit for bit.
-    out = [g * scale[i].astype(g.dtype) for i, g in enumerate(flat)]
+    # Only a step with a spike touches the gradients; the others pass as they are.
+    out = jax.lax.cond(jnp.any(clipped),
+                       lambda: [g * scale[i].astype(g.dtype) for i, g in enumerate(flat)],
+                       lambda: list(flat))
     return jax.tree.unflatten(jax.tree.structure(updates), out), SpikeGuardState(
         optax.safe_increment(state.count), sizes, weight,
         state.clips + clipped.astype(jnp.int32))
