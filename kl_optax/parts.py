@@ -74,9 +74,11 @@ __all__ = [
     "ema_eigenvalues",
     "inverse_root",
     "kl_factor_update",
+    "kl_statistics",
     "momentum",
     "off_diagonal_ratio",
     "qr_basis_refresh",
+    "rms_normalize",
     "shampoo_factor_update",
     "whiten",
 ]
@@ -307,6 +309,28 @@ def adam_grafting(b2: Any = 0.999, eps: Any = 1e-8, *, slot: str = NU_GRAFT) -> 
   return Part(update=update, init_slots=_zero_slots(slot), name="adam_grafting")
 
 
+def rms_normalize(eps: Any = 1e-30) -> Part:
+  r"""Divides the running update by its root mean square: ``U ← U / (eps + rms(U))``.
+
+  The authors' ``normalize_grads``, which despite its name normalizes the
+  preconditioned update of each tensor (not the gradient) just before the
+  learning rate. Here "each tensor" is each preconditioned tensor: a block
+  when the leaf is blocked, a slice along batch axes.
+
+  Args:
+    eps: added to the root mean square.
+
+  Returns:
+    A :class:`Part` that rescales the running update.
+  """
+
+  def update(step: TensorStep) -> TensorStep:
+    rms = jnp.sqrt(jnp.mean(jnp.square(step.update)))
+    return step._replace(update=step.update / (_f32(eps) + rms))
+
+  return Part(update=update, name="rms_normalize")
+
+
 # ----------------------------------------------------------------------------
 # Statistics
 # ----------------------------------------------------------------------------
@@ -317,6 +341,12 @@ def _whitening_halves(state: KronState) -> list[jax.Array]:
   return [
       q.T * jax.lax.rsqrt(lam)[:, None] for q, lam in zip(state.bases, state.eigvals)
   ]
+
+
+def _factor_increment(g: jax.Array, halves: list[jax.Array], k: int) -> jax.Array:
+  """``G_(k) (⊗_{j≠k} Ŝ_j⁻¹) G_(k)ᵀ / n_k`` from the halves of :func:`_whitening_halves`."""
+  w = kron.other_modes_product(g, halves, skip=k)
+  return kron.mode_gram(w, k) / _others_size(g.shape, k)
 
 
 def kl_factor_update(b2: Any = 0.98) -> Part:
@@ -356,12 +386,9 @@ def kl_factor_update(b2: Any = 0.98) -> Part:
     st, g = step.state, step.grad
     beta = _f32(b2)
     halves = _whitening_halves(st)
-    factors = []
-    for k, s in enumerate(st.factors):
-      w = kron.other_modes_product(g, halves, skip=k)
-      inc = kron.mode_gram(w, k) / _others_size(g.shape, k)
-      factors.append(beta * s + (1.0 - beta) * inc)
-    return step._replace(state=st._replace(factors=tuple(factors)))
+    factors = tuple(beta * s + (1.0 - beta) * _factor_increment(g, halves, k)
+                    for k, s in enumerate(st.factors))
+    return step._replace(state=st._replace(factors=factors))
 
   return Part(update=update, first_update=first_update, name="kl_factor_update")
 
@@ -396,13 +423,86 @@ def shampoo_factor_update(b2: Any = 0.95) -> Part:
 
 
 def clamp_floor(dim: int, max_clamp: Any = 4000) -> jax.Array:
-  """The eigenvalue floor ``1 / c²`` with ``c = max(10, min(dim, max_clamp))``."""
+  """The eigenvalue floor ``1 / c²`` with ``c = max(10, min(dim, max_clamp))``.
+
+  ``max_clamp=None`` turns the clamp off (the authors' ``using_clamping=False``):
+  the floor is then the smallest normal float32, which only keeps ``1/λ`` finite.
+  """
+  if max_clamp is None:
+    return _f32(jnp.finfo(jnp.float32).tiny)
   c = jnp.maximum(10.0, jnp.minimum(_f32(dim), _f32(max_clamp)))
   return 1.0 / (c * c)
 
 
+# Data-driven starting eigenvalue estimates (``init_factor=<name>``; docs/math.md,
+# "Starting eigenvalue estimates").
+EIGENVALUE_STARTS = ("rms", "spectrum")
+
+# The constant used where the first gradient carries no scale (zero or not finite).
+_FALLBACK_START = 0.1
+
+
+def check_init_factor(init_factor: Any) -> None:
+  """Raises ``ValueError`` unless ``init_factor`` is a positive number or a rule name."""
+  if isinstance(init_factor, str):
+    if init_factor not in EIGENVALUE_STARTS:
+      raise ValueError(f"init_factor must be a positive number or one of "
+                       f"{EIGENVALUE_STARTS}, got {init_factor!r}.")
+    return
+  validation.check_range("init_factor", init_factor, 0.0, None, low_open=True)
+
+
+def initial_eigenvalues(init_factor: Any, g: jax.Array) -> tuple[jax.Array, ...]:
+  r"""Starting eigenvalue estimates ``λ_k`` of a tensor from its first gradient ``G``.
+
+  * a number ``c``: ``λ_k = c`` everywhere (the paper's rule; the second update
+    is ``(1 − b1) G / c^{K/2}``, so its size depends on ``G``'s scale and on
+    the tensor order ``K``);
+  * ``"rms"``: ``λ_k = mean(G²)^{1/K}`` everywhere, so that ``∏_k λ_k`` equals
+    the first gradient's mean square whatever ``K``: the second update is
+    ``(1 − b1) G / rms(G)``, scale-free like Adam's;
+  * ``"spectrum"``: the mode-``k`` marginal second moments, the eigenvalues
+    ``w_k`` of ``G_(k) G_(k)ᵀ / n_k`` in descending order (the order of the
+    bases that :func:`qr_basis_refresh` starts from), shrunk half way to their
+    mean ``μ = mean(G²)`` and rescaled so that ``∏_k mean(λ_k) = μ``:
+    ``λ_k = ½ (w_k + μ) · μ^{1/K − 1}``.
+
+  Where ``G`` is zero or not finite the rules fall back to ``0.1``.
+  """
+  if not isinstance(init_factor, str):
+    return tuple(jnp.full((d,), _f32(init_factor)) for d in g.shape)
+  moments = None
+  if init_factor == "spectrum":
+    moments = [kron.eigh_descending(kron.mode_gram(g, k) / _others_size(g.shape, k))[0]
+               for k in range(g.ndim)]
+  return scaled_start(init_factor, g, moments)
+
+
+def scaled_start(rule: str, g: jax.Array, moments: list[jax.Array] | None,
+                 order: int | None = None) -> tuple[jax.Array, ...]:
+  """The rules of :func:`initial_eigenvalues` given the marginal moments ``w_k``.
+
+  ``moments`` (one vector per estimate; ``None``: one per dim of ``g``, for
+  ``"rms"`` only) may be any vectors of second moments whose mean
+  is ``mean(G²)``; ``order`` is the ``K`` of ``μ^{1/K}`` (default ``g.ndim``).
+  """
+  order = g.ndim if order is None else order
+  ms = jnp.mean(jnp.square(g))
+  ok = jnp.isfinite(ms) & (ms > 0)
+  ms = jnp.where(ok, ms, 1.0)
+  root = jnp.power(ms, 1.0 / order)
+  if moments is None:
+    out = [jnp.full((d,), root) for d in g.shape]
+  elif rule == "rms":
+    out = [jnp.full(w.shape, root) for w in moments]
+  else:
+    out = [0.5 * (jnp.maximum(w, 0.0) + ms) * (root / ms) for w in moments]
+  return tuple(jnp.where(ok & jnp.all(jnp.isfinite(lam)), lam, _f32(_FALLBACK_START))
+               for lam in out)
+
+
 def ema_eigenvalues(
-    b2: Any = 0.98, *, init_factor: Any = 0.1, max_clamp: Any = 4000
+    b2: Any = 0.98, *, init_factor: Any = 0.1, max_clamp: Any = 4000, damping: Any = 0.0
 ) -> Part:
   r"""Eigenvalue estimates as an average of the factor increment's diagonal in the current basis.
 
@@ -415,45 +515,148 @@ def ema_eigenvalues(
          \frac{\tilde G^2}{\prod_{j \ne k} \lambda_j[i_j]},
      \qquad \lambda_k \leftarrow b_2 \lambda_k + (1 - b_2)\, \delta_k,
 
-  then ``λ_k ← max(λ_k, 1/c_k²)`` with ``c_k = max(10, min(d_k, max_clamp))``.
+  then ``λ_k ← max(λ_k, 1/c_k²)`` with ``c_k = max(10, min(d_k, max_clamp))``
+  (``max_clamp=None``: no clamp). With ``damping > 0``, ``δ_k`` gains
+  ``damping · ∏_{j≠k} mean(1/λ_j)`` (the authors' ``using_damping``, which
+  uses ``eps`` as the damping).
   ``δ_k`` is ``diag(Q_kᵀ · increment_k · Q_k)`` for the increment of
   :func:`kl_factor_update` — not the diagonal of ``Q_kᵀ S_k Q_k``. A
   non-finite estimate is never stored: the entry keeps its previous value.
 
-  On the initialization step: ``λ_k = init_factor``.
+  On the initialization step: ``λ_k = init_factor``, or a rule's estimate
+  from the first gradient (:func:`initial_eigenvalues`).
 
   Args:
     b2: keep factor of the average.
-    init_factor: the initial eigenvalue estimate.
-    max_clamp: upper limit of ``c_k`` in the eigenvalue floor.
+    init_factor: the initial eigenvalue estimate: a positive number, ``"rms"``
+      or ``"spectrum"`` (:func:`initial_eigenvalues`). Static when a name.
+    max_clamp: upper limit of ``c_k`` in the eigenvalue floor; ``None`` turns
+      the floor off.
+    damping: added to the eigenvalue increments, scaled by the other modes'
+      mean inverse eigenvalues.
 
   Returns:
     A :class:`Part` that writes ``state.eigvals``.
   """
 
+  check_init_factor(init_factor)
+
   def first_update(step: TensorStep) -> TensorStep:
-    eigvals = tuple(
-        jnp.full_like(lam, _f32(init_factor)) for lam in step.state.eigvals
-    )
+    eigvals = initial_eigenvalues(init_factor, step.grad)
     return step._replace(state=step.state._replace(eigvals=eigvals))
 
   def update(step: TensorStep) -> TensorStep:
     st, g = step.state, step.grad
-    beta = _f32(b2)
     sq = jnp.square(kron.project(g, st.bases))
     inv = [1.0 / lam for lam in st.eigvals]
-    eigvals = []
-    for k, lam in enumerate(st.eigvals):
-      weights = [v if j != k else jnp.ones_like(v) for j, v in enumerate(inv)]
-      others = tuple(j for j in range(g.ndim) if j != k)
-      delta = jnp.sum(sq * kron.outer_product(weights), axis=others)
-      delta = delta / _others_size(g.shape, k)
-      new = beta * lam + (1.0 - beta) * delta
-      new = jnp.maximum(new, clamp_floor(g.shape[k], max_clamp))
-      eigvals.append(jnp.where(jnp.isfinite(new), new, lam))
-    return step._replace(state=st._replace(eigvals=tuple(eigvals)))
+    eigvals = tuple(
+        _ema_eigenvalue(b2, lam, _eigen_increment(sq, inv, k, damping, inv), g.shape[k],
+                        max_clamp)
+        for k, lam in enumerate(st.eigvals))
+    return step._replace(state=st._replace(eigvals=eigvals))
 
   return Part(update=update, first_update=first_update, name="ema_eigenvalues")
+
+
+def _eigen_increment(sq: jax.Array, inv: list[jax.Array], k: int, damping: Any,
+                     damping_inv: list[jax.Array]) -> jax.Array:
+  """``δ_k``: ``G̃²`` weighted by ``∏_{j≠k} 1/λ_j`` and averaged over all modes but ``k``.
+
+  With ``damping``, ``δ_k += damping · ∏_{j≠k} mean(1/λ_j)`` (the authors'
+  ``using_damping``), with the ``1/λ_j`` of ``damping_inv``.
+  """
+  weights = [v if j != k else jnp.ones_like(v) for j, v in enumerate(inv)]
+  others = tuple(j for j in range(sq.ndim) if j != k)
+  delta = jnp.sum(sq * kron.outer_product(weights), axis=others) / _others_size(sq.shape, k)
+  if damping is not None and not (isinstance(damping, (int, float)) and damping == 0):
+    scale = functools.reduce(jnp.multiply,
+                             [jnp.mean(v) for j, v in enumerate(damping_inv) if j != k], _f32(1.0))
+    delta = delta + _f32(damping) * scale
+  return delta
+
+
+def _ema_eigenvalue(b2: Any, lam: jax.Array, delta: jax.Array, dim: int,
+                    max_clamp: Any) -> jax.Array:
+  """``max(b2 λ + (1 − b2) δ, floor)``; a non-finite result keeps the old ``λ``."""
+  beta = _f32(b2)
+  new = jnp.maximum(beta * lam + (1.0 - beta) * delta, clamp_floor(dim, max_clamp))
+  return jnp.where(jnp.isfinite(new), new, lam)
+
+
+UPDATE_ORDERS = ("jacobi", "authors")
+
+
+def kl_statistics(
+    b2: Any = 0.98, *, order: str = "jacobi", init_factor: Any = 0.1, max_clamp: Any = 4000,
+    damping: Any = 0.0,
+) -> Part:
+  r"""The KL factor update and the eigenvalue estimates as one part, in a chosen order.
+
+  ``order="jacobi"`` is :func:`kl_factor_update` followed by
+  :func:`ema_eigenvalues`: every statistic of a step reads the ``λ`` of the
+  previous step. ``order="authors"`` is the order of the authors' code, which
+  for 3-D tensors is partly Gauss–Seidel (``docs/math.md``, "Update order"):
+
+  1. ``S_3`` and ``S_2`` increments, and ``λ_3``, from the old ``λ_1, λ_2, λ_3``;
+  2. ``λ_2`` from the old ``λ_1`` and the new ``λ_3``;
+  3. the ``S_1`` increment and ``λ_1`` from the new ``λ_2`` and the old ``λ_3``.
+
+  (modes counted from 1 in tensor order). Matrices are updated in Jacobi order
+  either way; the authors' code has no rule for four or more modes, and this
+  part raises for them.
+
+  Args:
+    b2: keep factor of the factors and eigenvalue estimates.
+    order: ``"jacobi"`` or ``"authors"``.
+    init_factor: see :func:`ema_eigenvalues`.
+    max_clamp: see :func:`ema_eigenvalues`.
+    damping: see :func:`ema_eigenvalues` (always from the old ``λ``).
+
+  Returns:
+    A :class:`Part` that writes ``state.factors`` and ``state.eigvals``.
+  """
+  if order not in UPDATE_ORDERS:
+    raise ValueError(f"order must be one of {UPDATE_ORDERS}, got {order!r}.")
+  factor_part = kl_factor_update(b2)
+  eig_part = ema_eigenvalues(b2, init_factor=init_factor, max_clamp=max_clamp, damping=damping)
+
+  def first_update(step: TensorStep) -> TensorStep:
+    return eig_part.first_update(factor_part.first_update(step))
+
+  def init_slots(shape: Shape) -> dict[str, jax.Array]:
+    if order == "authors" and len(shape) > 3:
+      raise ValueError(
+          f"kl_statistics(order='authors') is defined for matrices and 3-D tensors; got a "
+          f"tensor of shape {tuple(shape)}. Use order='jacobi' for it.")
+    return {}
+
+  def update(step: TensorStep) -> TensorStep:
+    if order == "jacobi" or step.grad.ndim == 2:
+      return eig_part.update(factor_part.update(step))
+    st, g = step.state, step.grad
+    beta = _f32(b2)
+    old = list(st.eigvals)
+    sq = jnp.square(kron.project(g, st.bases))
+    inv_old = [1.0 / lam for lam in old]
+
+    def estimate(k, lams):
+      inv = [1.0 / lam for lam in lams]
+      return _ema_eigenvalue(b2, old[k], _eigen_increment(sq, inv, k, damping, inv_old),
+                             g.shape[k], max_clamp)
+
+    def factor(k, lams):
+      halves = _whitening_halves(st._replace(eigvals=tuple(lams)))
+      return beta * st.factors[k] + (1.0 - beta) * _factor_increment(g, halves, k)
+
+    s3, s2 = factor(2, old), factor(1, old)
+    lam3 = estimate(2, old)
+    lam2 = estimate(1, [old[0], old[1], lam3])
+    mixed = [old[0], lam2, old[2]]
+    s1, lam1 = factor(0, mixed), estimate(0, mixed)
+    return step._replace(state=st._replace(factors=(s1, s2, s3), eigvals=(lam1, lam2, lam3)))
+
+  return Part(update=update, first_update=first_update, init_slots=init_slots,
+              name=f"kl_statistics({order})")
 
 
 # ----------------------------------------------------------------------------

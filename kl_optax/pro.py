@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from kl_optax import kron
+from kl_optax import parts as P
 from kl_optax import validation
 from kl_optax.newton_schulz import newton_schulz_coefficients, newton_schulz_orthogonalize
 from kl_optax.parts import clamp_floor
@@ -227,13 +228,16 @@ def spike_flat_projection(
   Initialization step: ``S_a = (1 − b2)/n · G Gᵀ``; ``U`` = the top-``r``
   right singular vectors of ``G`` (the top eigenvectors of ``GᵀG/m``, found
   from the ``m × m`` Gram matrix and completed by QR when ``r`` exceeds
-  ``G``'s rank); ``λ_a = λ = σ = init_factor``; ``Y = U diag(λ)``.
+  ``G``'s rank); ``λ_a = λ = σ = init_factor`` (or a rule's estimates from
+  ``G``'s singular values, :func:`~kl_optax.parts.initial_eigenvalues`);
+  ``Y = U diag(λ)``.
 
   Args:
     rank: ``r``, the number of tracked directions (static; ``1 ≤ r < n``).
     b2: keep factor of every average.
     precondition_frequency: subspace refresh every this many steps.
-    init_factor: initial eigenvalue estimate of both factors.
+    init_factor: initial eigenvalue estimate of both factors: a positive
+      number, ``"rms"`` or ``"spectrum"``.
     max_clamp: bound in the eigenvalue floors.
     restricted_side: which side of each matrix is restricted (see
       :func:`restricted_mode`).
@@ -245,6 +249,7 @@ def spike_flat_projection(
   """
   rank = validation.static_int(rank, "rank")
   restricted_mode((2, 2), restricted_side)  # validate the option now
+  P.check_init_factor(init_factor)
   options = _ProjectionOptions(rank, b2, precondition_frequency, init_factor, max_clamp,
                                restricted_side, accumulate)
   return Part(update=functools.partial(_projection_update, options),
@@ -307,18 +312,37 @@ def _with_dense_mode(state: KronState, dense: int, factor, eigvals) -> KronState
   return state._replace(factors=tuple(factors), eigvals=tuple(lams))
 
 
-def _top_right_singular_basis(g: jax.Array, gram: jax.Array, rank: int) -> jax.Array:
+def _top_right_singular_basis(g: jax.Array, gram: jax.Array, rank: int):
   """The top-``rank`` right singular vectors of ``g`` (``m × n``), from its ``m × m`` Gram.
 
-  Completed by QR with unit vectors when ``rank`` exceeds ``m``.
+  Completed by QR with unit vectors when ``rank`` exceeds ``m``. Also returns
+  the Gram's eigenvalues (descending, the squared singular values).
   """
   m, n = g.shape
-  _, v = kron.eigh_descending(gram)
+  w, v = kron.eigh_descending(gram)
   k = min(rank, m)
   top = _mm(g.T, v[:, :k])
   if k < rank:
     top = jnp.concatenate([top, jnp.eye(n, rank - k, dtype=top.dtype)], axis=1)
-  return kron.qr_orthonormal(top)
+  return kron.qr_orthonormal(top), w
+
+
+def _initial_estimates(init_factor, g, sq_singular, rank):
+  """``λ_a`` (m,), ``λ`` (r,) and ``σ`` of the first step (``m × n`` working orientation).
+
+  A number sets all three; the rules of :func:`kl_optax.parts.initial_eigenvalues`
+  use the marginal moments: the left factor's ``s²/n``, the spike's top
+  ``s²/m`` and the flat part's average of the remaining ``s²/m``.
+  """
+  m, n = g.shape
+  if not isinstance(init_factor, str):
+    init = _f32(init_factor)
+    return jnp.full((m,), init), jnp.full((rank,), init), init
+  s2 = jnp.maximum(sq_singular, 0.0)
+  top = s2[:rank] if rank <= m else jnp.concatenate([s2, jnp.zeros((rank - m,), s2.dtype)])
+  flat = jnp.maximum(jnp.sum(s2) - jnp.sum(top), 0.0) / (m * (n - rank))
+  lam_a, lam, sigma = P.scaled_start(init_factor, g, [s2 / n, top / m, flat[None]], order=2)
+  return lam_a, lam, sigma[0]
 
 
 def _projection_first_update(options: _ProjectionOptions, step: TensorStep) -> TensorStep:
@@ -326,11 +350,10 @@ def _projection_first_update(options: _ProjectionOptions, step: TensorStep) -> T
   g = _orient(step.grad, mode)
   m, n = g.shape
   gram = _mm(g, g.T)
-  init = _f32(options.init_factor)
-  sf = SpikeFlat(_top_right_singular_basis(g, gram, options.rank),
-                 jnp.full((options.rank,), init), init)
-  st = _with_dense_mode(step.state, dense, (1.0 - _f32(options.b2)) / n * gram,
-                        jnp.full((m,), init))
+  basis, sq_singular = _top_right_singular_basis(g, gram, options.rank)
+  lam_a, lam, sigma = _initial_estimates(options.init_factor, g, sq_singular, options.rank)
+  sf = SpikeFlat(basis, lam, sigma)
+  st = _with_dense_mode(step.state, dense, (1.0 - _f32(options.b2)) / n * gram, lam_a)
   st = _with_spike_flat(st, sf)
   if options.accumulate:
     st = st.with_slots(**{SPIKE_SKETCH: sf.basis * sf.eigvals})

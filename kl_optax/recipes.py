@@ -51,6 +51,9 @@ def scale_by_kl_shampoo(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
+    damping: Any = 0.0,
+    normalize_update: bool = False,
+    update_order: str = "jacobi",
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     **legacy: Any,
@@ -90,11 +93,20 @@ def scale_by_kl_shampoo(
       the paper's code; on the character-GPT benchmark (300 steps,
       docs/benchmarks.md) 1e-3 was far better than 0.1.
     max_clamp: eigenvalue estimates are kept ≥ ``1 / c_k²`` with
-      ``c_k = max(10, min(d_k, max_clamp))``.
+      ``c_k = max(10, min(d_k, max_clamp))``; ``None`` turns the clamp off
+      (the authors' ``using_clamping=False``).
     refresh_tolerance: adaptive basis refresh (see
       :func:`kl_optax.qr_basis_refresh`); ``None`` refreshes every time.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
+    damping: added to the eigenvalue increments, scaled by the other modes'
+      mean inverse eigenvalues (:func:`kl_optax.ema_eigenvalues`; the authors'
+      ``using_damping`` is ``damping=eps``). 0: none.
+    normalize_update: divide each tensor's update by its root mean square
+      (:func:`kl_optax.rms_normalize`; the authors' ``normalize_grads``). Static.
+    update_order: ``"jacobi"`` (every statistic reads the previous step's
+      eigenvalues) or ``"authors"`` (the partly Gauss–Seidel order of the
+      authors' code for 3-D tensors; :func:`kl_optax.kl_statistics`). Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
       per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
@@ -122,17 +134,30 @@ def scale_by_kl_shampoo(
   layout, _ = options.resolve("scale_by_kl_shampoo", layout, None, legacy,
                                  dimension_numbers=dimension_numbers, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
-  validation.check_range("init_factor", init_factor, 0.0, None, low_open=True)
-  validation.check_range("max_clamp", max_clamp, 1.0, None)
   return transform.kron_transform(
       P.momentum(b1),
       P.whiten(eps),
-      P.kl_factor_update(b2),
-      P.ema_eigenvalues(b2, init_factor=init_factor, max_clamp=max_clamp),
+      *_kl_statistics(b2, init_factor, max_clamp, damping, update_order),
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
                          max_iters=refresh_max_iters),
+      *([P.rms_normalize()] if normalize_update else []),
       **layout.transform_options(),
   )
+
+
+def _kl_statistics(b2, init_factor, max_clamp, damping, update_order) -> list:
+  """The statistics parts of KL-Shampoo and KL-SOAP (validated here)."""
+  P.check_init_factor(init_factor)
+  if max_clamp is not None:
+    validation.check_range("max_clamp", max_clamp, 1.0, None)
+  validation.check_range("damping", damping, 0.0, None)
+  if update_order not in P.UPDATE_ORDERS:
+    raise ValueError(f"update_order must be one of {P.UPDATE_ORDERS}, got {update_order!r}.")
+  if update_order == "jacobi":
+    return [P.kl_factor_update(b2),
+            P.ema_eigenvalues(b2, init_factor=init_factor, max_clamp=max_clamp, damping=damping)]
+  return [P.kl_statistics(b2, order=update_order, init_factor=init_factor, max_clamp=max_clamp,
+                          damping=damping)]
 
 
 def with_adam_fallback(
@@ -221,6 +246,9 @@ def kl_shampoo(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
+    damping: Any = 0.0,
+    normalize_update: bool = False,
+    update_order: str = "jacobi",
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
@@ -248,10 +276,15 @@ def kl_shampoo(
       step including the first.
     precondition_frequency: refresh the eigenbases every this many steps.
     init_factor: initial eigenvalue estimate (see :func:`scale_by_kl_shampoo`).
-    max_clamp: bound in the eigenvalue floor ``1/c_k²``.
+    max_clamp: bound in the eigenvalue floor ``1/c_k²`` (``None``: no floor).
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
       ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
     refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
+    damping: eigenvalue-increment damping (see :func:`scale_by_kl_shampoo`).
+    normalize_update: divide each tensor's update by its root mean square
+      (the authors' ``normalize_grads``). Static.
+    update_order: ``"jacobi"`` or ``"authors"`` (see :func:`scale_by_kl_shampoo`).
+      Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
       per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
@@ -287,7 +320,9 @@ def kl_shampoo(
   return with_adam_fallback(
       scale_by_kl_shampoo(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                           refresh_tolerance=refresh_tolerance,
-                          refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
+                          refresh_max_iters=refresh_max_iters, damping=damping,
+                          normalize_update=normalize_update, update_order=update_order,
+                          layout=layout.without_masks()),
       learning_rate, weight_decay, layout=layout, fallback=fallback,
       spike_threshold=spike_threshold)
 
@@ -302,6 +337,9 @@ def scale_by_kl_soap(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
+    damping: Any = 0.0,
+    normalize_update: bool = False,
+    update_order: str = "jacobi",
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     **legacy: Any,
@@ -330,10 +368,18 @@ def scale_by_kl_soap(
     eps: added to ``sqrt(ṽ)``.
     precondition_frequency: refresh the bases every this many steps.
     init_factor: initial eigenvalue estimate.
-    max_clamp: bound in the eigenvalue floor ``1/c_k²``.
+    max_clamp: bound in the eigenvalue floor ``1/c_k²`` (``None``: no floor).
     refresh_tolerance: adaptive basis refresh; ``None`` refreshes every time.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
+    damping: added to the eigenvalue increments, scaled by the other modes'
+      mean inverse eigenvalues (:func:`kl_optax.ema_eigenvalues`; the authors'
+      ``using_damping`` is ``damping=eps``). 0: none.
+    normalize_update: divide each tensor's update by its root mean square
+      (:func:`kl_optax.rms_normalize`; the authors' ``normalize_grads``). Static.
+    update_order: ``"jacobi"`` (every statistic reads the previous step's
+      eigenvalues) or ``"authors"`` (the partly Gauss–Seidel order of the
+      authors' code for 3-D tensors; :func:`kl_optax.kl_statistics`). Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
       per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
@@ -360,14 +406,12 @@ def scale_by_kl_soap(
   layout, _ = options.resolve("scale_by_kl_soap", layout, None, legacy,
                                  dimension_numbers=dimension_numbers, takes_fallback=False)
   _check_common(b1, b2, eps, precondition_frequency)
-  validation.check_range("init_factor", init_factor, 0.0, None, low_open=True)
-  validation.check_range("max_clamp", max_clamp, 1.0, None)
   return transform.kron_transform(
       P.adam_in_eigenbasis(b1, b2, eps),
-      P.kl_factor_update(b2),
-      P.ema_eigenvalues(b2, init_factor=init_factor, max_clamp=max_clamp),
+      *_kl_statistics(b2, init_factor, max_clamp, damping, update_order),
       P.qr_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
                          max_iters=refresh_max_iters, rotate_slots=(state_lib.MU_EIG,)),
+      *([P.rms_normalize()] if normalize_update else []),
       **layout.transform_options(),
   )
 
@@ -384,6 +428,9 @@ def kl_soap(
     *,
     refresh_tolerance: Any = None,
     refresh_max_iters: int | None = None,
+    damping: Any = 0.0,
+    normalize_update: bool = False,
+    update_order: str = "jacobi",
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
@@ -409,10 +456,15 @@ def kl_soap(
     weight_decay: decoupled weight decay (every step, the first included).
     precondition_frequency: refresh the eigenbases every this many steps.
     init_factor: initial eigenvalue estimate of the factor updates.
-    max_clamp: bound in the eigenvalue floor ``1/c_k²``.
+    max_clamp: bound in the eigenvalue floor ``1/c_k²`` (``None``: no floor).
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
       ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
     refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
+    damping: eigenvalue-increment damping (see :func:`scale_by_kl_shampoo`).
+    normalize_update: divide each tensor's update by its root mean square
+      (the authors' ``normalize_grads``). Static.
+    update_order: ``"jacobi"`` or ``"authors"`` (see :func:`scale_by_kl_shampoo`).
+      Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
       per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
@@ -443,7 +495,9 @@ def kl_soap(
   return with_adam_fallback(
       scale_by_kl_soap(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                        refresh_tolerance=refresh_tolerance,
-                       refresh_max_iters=refresh_max_iters, layout=layout.without_masks()),
+                       refresh_max_iters=refresh_max_iters, damping=damping,
+                       normalize_update=normalize_update, update_order=update_order,
+                       layout=layout.without_masks()),
       learning_rate, weight_decay, layout=layout, fallback=fallback,
       spike_threshold=spike_threshold)
 
@@ -903,7 +957,7 @@ def scale_by_pro_kl_shampoo(
       :func:`kl_optax.spike_flat_whiten`).
     ns_steps: Newton–Schulz iterations.
     init_factor: initial eigenvalue estimate.
-    max_clamp: bound in the eigenvalue floors.
+    max_clamp: bound in the eigenvalue floors (``None``: no floors).
     restricted_side: ``"larger"`` (default), ``"smaller"``, ``"rows"`` or
       ``"columns"``: which side of each matrix is restricted.
     ns_coefficients: ``"muon"`` (default), ``"exact"``, a triple or a schedule.
@@ -1004,7 +1058,7 @@ def pro_kl_shampoo(
     complement_scale: ``κ`` of the complement direction (``None``: ``√n``).
     ns_steps: Newton–Schulz iterations.
     init_factor: initial eigenvalue estimate.
-    max_clamp: bound in the eigenvalue floors.
+    max_clamp: bound in the eigenvalue floors (``None``: no floors).
     restricted_side: which side of each matrix is restricted (``"larger"``).
     ns_coefficients: Newton–Schulz coefficients (``"muon"``, ``"exact"``, …).
     ns_dtype: Newton–Schulz iteration dtype.

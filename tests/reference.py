@@ -35,6 +35,26 @@ def eigh_descending(s: np.ndarray):
   return w[::-1], v[:, ::-1]
 
 
+def start_from_moments(rule, g, moments, order):
+  """The named starting eigenvalue rules given marginal second moments ``moments``."""
+  ms = float(np.mean(np.asarray(g, np.float64) ** 2))
+  if rule == "rms":
+    return [np.full(len(w), ms ** (1.0 / order)) for w in moments]
+  assert rule == "spectrum", rule
+  return [0.5 * (np.maximum(w, 0.0) + ms) * ms ** (1.0 / order - 1.0) for w in moments]
+
+
+def initial_eigenvalues(init_factor, g):
+  """λ_k at t = 0: a constant, or ``"rms"`` / ``"spectrum"`` from the first gradient."""
+  g = np.asarray(g, np.float64)
+  if not isinstance(init_factor, str):
+    return [np.full(d, float(init_factor)) for d in g.shape]
+  n = g.size
+  moments = [np.linalg.eigvalsh(unfold(g, k) @ unfold(g, k).T / (n // g.shape[k]))[::-1]
+             for k in range(g.ndim)]
+  return start_from_moments(init_factor, g, moments, g.ndim)
+
+
 class KLShampooReference:
   """KL-Shampoo, ALGORITHMS.md §1, with decoupled weight decay and a learning rate.
 
@@ -53,6 +73,9 @@ class KLShampooReference:
       precondition_frequency=10,
       init_factor=0.1,
       max_clamp=4000,
+      damping=0.0,
+      normalize_update=False,
+      update_order="jacobi",
   ):
     self.shape = tuple(shape)
     self.K = len(shape)
@@ -60,6 +83,7 @@ class KLShampooReference:
     self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
     self.wd, self.freq = weight_decay, precondition_frequency
     self.init_factor, self.max_clamp = init_factor, max_clamp
+    self.damping, self.normalize_update, self.update_order = damping, normalize_update, update_order
     self.t = None  # None until the initialization step ran
     self.S = self.Q = self.lam = self.m = None
     self.last_update = None
@@ -81,26 +105,46 @@ class KLShampooReference:
     d = np.sqrt(kron_vec(self.lam)) + self.eps
     return (qk @ ((qk.T @ m.reshape(-1)) / d)).reshape(self.shape)
 
+  def increment(self, g, k, lams):
+    """``G_(k) (⊗_{j≠k} Ŝ_j⁻¹) G_(k)ᵀ / n_k`` with the current Q and the given λ."""
+    s_inv = [q @ np.diag(1.0 / l) @ q.T for q, l in zip(self.Q, lams)]
+    others = kron_all([s_inv[j] for j in range(self.K) if j != k])
+    gk = unfold(g, k)
+    return gk @ others @ gk.T / self.n(k)
+
   def increments(self, g):
-    """``G_(k) (⊗_{j≠k} Ŝ_j⁻¹) G_(k)ᵀ / n_k`` with the current Q and λ."""
-    s_inv = [q @ np.diag(1.0 / l) @ q.T for q, l in zip(self.Q, self.lam)]
-    incs = []
-    for k in range(self.K):
-      others = kron_all([s_inv[j] for j in range(self.K) if j != k])
-      gk = unfold(g, k)
-      incs.append(gk @ others @ gk.T / self.n(k))
-    return incs
+    return [self.increment(g, k, self.lam) for k in range(self.K)]
+
+  def new_eigenvalues(self, k, inc):
+    """``max(b2 λ_k + (1 − b2)(diag(Q_kᵀ inc Q_k) + damping term), floor)`` (old λ_k)."""
+    delta = np.diag(self.Q[k].T @ inc @ self.Q[k])
+    if self.damping:
+      delta = delta + self.damping * np.prod(
+          [np.mean(1.0 / self.lam[j]) for j in range(self.K) if j != k])
+    lam = self.b2 * self.lam[k] + (1 - self.b2) * delta
+    if self.max_clamp is None:
+      return lam
+    c = max(10.0, min(self.shape[k], self.max_clamp))
+    return np.maximum(lam, 1.0 / c**2)
 
   def statistics(self, g):
+    if self.update_order == "authors" and self.K == 3:
+      return self.authors_order_statistics(g)
     incs = self.increments(g)
-    new_lam = []
-    for k in range(self.K):
-      delta = np.diag(self.Q[k].T @ incs[k] @ self.Q[k])
-      lam = self.b2 * self.lam[k] + (1 - self.b2) * delta
-      c = max(10.0, min(self.shape[k], self.max_clamp))
-      new_lam.append(np.maximum(lam, 1.0 / c**2))
+    new_lam = [self.new_eigenvalues(k, incs[k]) for k in range(self.K)]
     self.S = [self.b2 * s + (1 - self.b2) * inc for s, inc in zip(self.S, incs)]
     self.lam = new_lam
+
+  def authors_order_statistics(self, g):
+    """The authors' order for 3-D tensors: λ_3 from old, λ_2 from new λ_3, S_1/λ_1 from new λ_2."""
+    old = list(self.lam)
+    inc3, inc2 = self.increment(g, 2, old), self.increment(g, 1, old)
+    lam3 = self.new_eigenvalues(2, inc3)
+    lam2 = self.new_eigenvalues(1, self.increment(g, 1, [old[0], old[1], lam3]))
+    inc1 = self.increment(g, 0, [old[0], lam2, old[2]])
+    lam1 = self.new_eigenvalues(0, inc1)
+    self.S = [self.b2 * s + (1 - self.b2) * inc for s, inc in zip(self.S, (inc1, inc2, inc3))]
+    self.lam = [lam1, lam2, lam3]
 
   def refresh(self):
     self.Q = [np.linalg.qr(s @ q)[0] for s, q in zip(self.S, self.Q)]
@@ -108,7 +152,7 @@ class KLShampooReference:
   def initialize(self, g):
     self.S = [(1 - self.b2) / self.n(k) * unfold(g, k) @ unfold(g, k).T for k in range(self.K)]
     self.Q = [eigh_descending(s)[1] for s in self.S]
-    self.lam = [np.full(d, float(self.init_factor)) for d in self.shape]
+    self.lam = initial_eigenvalues(self.init_factor, g)
     self.m = np.zeros(self.shape)
     self.t = 0
 
@@ -124,6 +168,8 @@ class KLShampooReference:
     self.statistics(g)
     if self.t % self.freq == 0:
       self.refresh()
+    if self.normalize_update:
+      u = u / (1e-30 + np.sqrt(np.mean(u**2)))
     return u
 
   def step(self, w, g):
@@ -171,12 +217,15 @@ class KLSOAPReference(_EigenbasisReference):
   """KL-SOAP, ALGORITHMS.md §2 (statistics and refresh of §1)."""
 
   def __init__(self, shape, *, lr, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
-               precondition_frequency=10, init_factor=0.1, max_clamp=4000):
+               precondition_frequency=10, init_factor=0.1, max_clamp=4000, damping=0.0,
+               normalize_update=False, update_order="jacobi"):
     super().__init__(shape, lr=lr, weight_decay=weight_decay,
                      precondition_frequency=precondition_frequency)
     self.kl = KLShampooReference(shape, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                                  precondition_frequency=precondition_frequency,
-                                 init_factor=init_factor, max_clamp=max_clamp)
+                                 init_factor=init_factor, max_clamp=max_clamp, damping=damping,
+                                 update_order=update_order)
+    self.normalize_update = normalize_update
     self.b1, self.b2, self.eps = b1, b2, eps
 
   @property
@@ -211,6 +260,8 @@ class KLSOAPReference(_EigenbasisReference):
       old = self.qkron()
       self.kl.refresh()
       self.m = self.qkron().T @ (old @ self.m)
+    if self.normalize_update:
+      u = u / (1e-30 + np.sqrt(np.mean(u**2)))
     return u
 
 
@@ -381,6 +432,8 @@ class ProKLShampooReference:
     self.last_update = None
 
   def floor(self, d):
+    if self.max_clamp is None:
+      return 0.0
     c = max(10.0, min(d, self.max_clamp))
     return 1.0 / c**2
 
@@ -404,10 +457,19 @@ class ProKLShampooReference:
     m, n = self.m, self.n
     self.S = (1 - self.b2) / n * g @ g.T
     self.Q = eigh_descending(self.S)[1]
-    self.lam_a = np.full(m, float(self.init_factor))
     self.U = eigh_descending(g.T @ g / m)[1][:, : self.r]
-    self.lam = np.full(self.r, float(self.init_factor))
-    self.sigma = float(self.init_factor)
+    if isinstance(self.init_factor, str):
+      s2 = np.zeros(m)
+      sv = np.linalg.svd(g, compute_uv=False) ** 2
+      s2[: len(sv)] = sv
+      top = np.concatenate([s2, np.zeros(max(0, self.r - m))])[: self.r]
+      flat = (s2.sum() - top.sum()) / (m * (n - self.r))
+      self.lam_a, self.lam, (self.sigma,) = start_from_moments(
+          self.init_factor, g, [s2 / n, top / m, np.array([flat])], 2)
+    else:
+      self.lam_a = np.full(m, float(self.init_factor))
+      self.lam = np.full(self.r, float(self.init_factor))
+      self.sigma = float(self.init_factor)
     self.Y = self.U * self.lam
     self.N = np.zeros((m, n))
     self.t = 0

@@ -84,3 +84,15 @@ def test_zero_tolerance_is_the_fixed_refresh(name):
     np.testing.assert_allclose(u_f["w"], u_z["w"], rtol=2e-4, atol=1e-7)
   # Three refreshes (t = 2, 4, 6) ran on both factors along the adaptive path.
   np.testing.assert_array_equal(kl_optax.refresh_counts(s_z)["6x5"], [[3, 3]])
+
+
+@pytest.mark.parametrize("options", [
+    {"init_factor": "rms"},
+    {"init_factor": "spectrum", "damping": 1e-2},
+    {"max_clamp": None, "normalize_update": True},
+    {"update_order": "authors", "freq": 3},
+], ids=["rms", "spectrum-damping", "noclamp-normalized", "authors-order"])
+def test_kl_soap_options_match_reference(options):
+  """KL-SOAP's statistics options (the authors' switches and the starting rules)."""
+  w0, traj, _, _ = _run("kl_soap", (3, 4, 5), steps=25, **options)
+  trajectory.assert_matches(w0, traj)

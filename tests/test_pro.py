@@ -207,6 +207,34 @@ def test_trajectory_matches_reference_nondefault():
   trajectory.assert_matches(w0, traj)
 
 
+@pytest.mark.parametrize("init_factor", ["rms", "spectrum"])
+@pytest.mark.parametrize("shape,rank", [((6, 10), 3), ((6, 14), 5)])
+def test_starting_rules_match_reference(shape, rank, init_factor):
+  """Data-driven starts of λ_a, λ and σ from the first gradient's singular values."""
+  w0, traj, _ = _pro_trajectory(shape, rank, {}, steps=25, init_factor=init_factor)
+  trajectory.assert_matches(w0, traj)
+
+
+def test_spectrum_start_with_rank_above_the_short_side():
+  """r > m: the spike's moments beyond G's rank are zero, so those λ start at ½ μ^{1/2}."""
+  m, n, rank = 4, 12, 6
+  g = np.random.default_rng(3).normal(size=(m, n))
+  tx = kl_optax.pro_kl_shampoo(1e-2, rank, init_factor="spectrum", spike_threshold=None)
+  params = {"w": jnp.zeros((m, n))}
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+  lam = np.asarray(trajectory.kron_group(state).slots["spike_eigvals"][0])
+  mu = np.mean(g**2)
+  s2 = np.linalg.svd(g, compute_uv=False) ** 2
+  np.testing.assert_allclose(lam[:m], 0.5 * (s2 / m + mu) / np.sqrt(mu), rtol=1e-4)
+  np.testing.assert_allclose(lam[m:], 0.5 * np.sqrt(mu), rtol=1e-5)
+
+
+def test_clamp_off_matches_reference():
+  w0, traj, _ = _pro_trajectory((6, 14), 3, {}, steps=25, max_clamp=None, init_factor=1e-3)
+  trajectory.assert_matches(w0, traj)
+
+
 def test_complement_direction_is_orthogonal_to_the_subspace():
   shape, rank = (6, 20), 4
   _, _, state = _pro_trajectory(shape, rank, {}, steps=25)

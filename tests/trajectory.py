@@ -16,12 +16,13 @@ def _spd(rng, d, cond=20.0):
 class Problem:
   """A noisy quadratic whose gradient is ``(W − W*) ×_1 H_1 ×_2 H_2 … + noise_t``."""
 
-  def __init__(self, shape, steps, seed):
+  def __init__(self, shape, steps, seed, grad_scale=1.0):
     rng = np.random.default_rng(seed)
     self.h = [_spd(rng, d) for d in shape]
+    self.h[0] = grad_scale * self.h[0]  # the gradient is linear in H_1 and the noise
     self.w_star = rng.normal(size=shape)
     self.w0 = 0.5 * rng.normal(size=shape)
-    self.noise = 0.3 * rng.normal(size=(steps,) + tuple(shape))
+    self.noise = 0.3 * grad_scale * rng.normal(size=(steps,) + tuple(shape))
 
   def grad_np(self, w, t):
     r = w - self.w_star
@@ -51,16 +52,17 @@ def kron_group(opt_state):
   return groups[0]
 
 
-def run(tx, ref, shape, *, steps, share_initial_basis=False, seed=0):
+def run(tx, ref, shape, *, steps, share_initial_basis=False, seed=0, grad_scale=1.0):
   """Trains ``{'w': W}`` with ``tx`` and with the reference ``ref``.
 
-  With ``share_initial_basis`` the reference adopts the JAX factors and bases
+  ``grad_scale`` multiplies every gradient (the problem stays the same up to
+  that scale). With ``share_initial_basis`` the reference adopts the JAX factors and bases
   after the initialization step (see ``KLShampooReference.set_bases``).
 
   Returns:
     ``(w0, [(w_jax, w_ref) per step], final JAX state)``.
   """
-  prob = Problem(shape, steps, seed)
+  prob = Problem(shape, steps, seed, grad_scale)
   grad = prob.grad_jax()
 
   @jax.jit

@@ -262,15 +262,23 @@ def memory(compiled) -> dict[str, int]:
 
 
 def parse_variant(name: str) -> tuple[str, dict]:
-  """``'kl_shampoo@init_factor=1e-3@rank=8'`` → (``'kl_shampoo'``, keyword arguments)."""
+  """``'kl_shampoo@init_factor=1e-3@rank=8'`` → (``'kl_shampoo'``, keyword arguments).
+
+  Values are read as int, float, ``None``/``True``/``False``, or else kept as
+  strings (``kl_shampoo@init_factor=rms``).
+  """
   base, *items = name.split("@")
   kwargs = {}
   for item in items:
     key, _, value = item.partition("=")
-    try:
-      kwargs[key] = int(value)
-    except ValueError:
-      kwargs[key] = float(value)
+    for convert in (int, float):
+      try:
+        kwargs[key] = convert(value)
+        break
+      except ValueError:
+        pass
+    else:
+      kwargs[key] = {"None": None, "True": True, "False": False}.get(value, value)
   return base, kwargs
 
 
