@@ -14,9 +14,10 @@ transformer blocks; ``Layout(precondition_mask=kl_optax.exclude("embed", "pos", 
 sends the token embeddings, the position table and the output head to AdamW,
 and biases and norm scales go there anyway (they are vectors). The script
 prints that split. Both optimizers use the same warm-up + cosine schedule; the
-peak learning rates, and KL-Shampoo's ``init_factor=1e-3``, come from the
-sweeps in docs/benchmarks.md (with the recipe's default ``init_factor=0.1`` the
-preconditioned layers start with steps far too small for a run this short).
+peak learning rates come from the sweeps in docs/benchmarks.md. KL-Shampoo
+keeps its defaults, including the eigenvalue start read from the first
+gradient (``init_factor="spectrum"``; the paper's constant 0.1 starts the
+preconditioned layers with steps far too small for a run this short).
 
 With ``--scan`` the blocks are built with ``nnx.vmap`` and run with
 ``nnx.scan`` (``GPTConfig(scan=True)``), as large-model code stores them: one
@@ -66,7 +67,7 @@ def make_tx(name: str, peak_lr: float, steps: int, scan: bool = False) -> optax.
   if name == "adamw":
     return optax.adamw(schedule, weight_decay=0.01)
   return kl_optax.kl_shampoo(
-      schedule, weight_decay=0.01, init_factor=1e-3,
+      schedule, weight_decay=0.01,
       # Token embeddings, the position table and the output head go to AdamW
       # (with the same schedule unless fallback=kl_optax.Fallback(learning_rate=...)).
       layout=kl_optax.Layout(precondition_mask=ADAM_LEAVES),

@@ -71,7 +71,7 @@ class KLShampooReference:
       eps=1e-8,
       weight_decay=0.01,
       precondition_frequency=10,
-      init_factor=0.1,
+      init_factor="spectrum",
       max_clamp=4000,
       damping=0.0,
       normalize_update=False,

@@ -258,6 +258,38 @@ def test_suite_extends_the_grid_beyond_an_edge_optimum():
   assert harness.extend_grid([1.0], 0) is None
   assert harness.parse_variant("kl_shampoo@init_factor=1e-3@rank=8") == (
       "kl_shampoo", {"init_factor": 1e-3, "rank": 8})
+  assert harness.parse_variant("kl_shampoo@init_factor=rms@max_clamp=None@normalize_update=True") == (
+      "kl_shampoo", {"init_factor": "rms", "max_clamp": None, "normalize_update": True})
+
+
+def test_sweep_extends_past_an_edge_and_skips_diverged_runs():
+  from kl_optax.benchmarks.horizon import sweep
+  calls = []
+
+  def loss(lr):  # minimum at lr = 8; lr = 32 diverges
+    calls.append(lr)
+    return float("nan") if lr >= 32 else (np.log2(lr) - 3.0) ** 2
+  best, losses = sweep(loss, [1.0, 2.0, 4.0], max_extend=3)
+  assert best == 8.0 and calls == [1.0, 2.0, 4.0, 8.0, 16.0]
+  best, losses = sweep(loss, [8.0, 16.0, 32.0], max_extend=3)
+  assert best == 8.0 and sorted(losses) == [4.0, 8.0, 16.0, 32.0]
+
+
+def test_horizon_and_width_benchmarks_run(tmp_path):
+  from kl_optax.benchmarks import horizon, width
+  tiny = ["--layers", "1", "--heads", "2", "--context", "8", "--batch", "2", "--val-batches", "1",
+          "--max-extend", "0"]
+  report = horizon.main([*tiny, "--d-model", "8", "--steps", "4", "--sweep-steps", "2",
+                         "--seeds", "2", "--evals", "2", "--optimizers", "adamw,muon",
+                         "--out", str(tmp_path / "h")])
+  assert set(report["optimizers"]) == {"adamw", "muon"}
+  assert len(report["optimizers"]["muon"]["long_runs"]) == 2
+  assert "Ordering at 4 steps" in (tmp_path / "h" / "results.md").read_text()
+  results = width.main([*tiny, "--widths", "8,16", "--steps", "2", "--evals", "1",
+                        "--optimizers", "kl_shampoo@init_factor=rms",
+                        "--out", str(tmp_path / "w")])
+  assert set(results["kl_shampoo@init_factor=rms"]) == {8, 16}
+  assert (tmp_path / "w" / "width.png").exists()
 
 
 def test_every_task_builds_and_has_a_finite_loss():
@@ -298,3 +330,19 @@ def test_scanned_benchmark_runs(tmp_path):
   for r in rows:
     assert r["compile_s"] > 0 and r["lower_s"] > 0 and r["median_ms"] > 0
   assert "kl_shampoo/scanned" in (tmp_path / "results.md").read_text()
+
+
+def test_benchmarks_pin_the_lapack_kernels_unless_set():
+  """OpenBLAS's thread count and kernel choice change eigh/QR bits (docs/benchmarks.md)."""
+  import subprocess
+  import sys
+  code = ("import os, kl_optax.benchmarks; "
+          "print(os.environ['OPENBLAS_NUM_THREADS'], os.environ.get('OPENBLAS_CORETYPE'))")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_")}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True).stdout.split()
+  assert out[0] == "1"
+  env["OPENBLAS_NUM_THREADS"] = "3"
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True).stdout.split()
+  assert out[0] == "3"

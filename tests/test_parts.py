@@ -173,7 +173,8 @@ def test_qr_basis_refresh_keeps_basis_when_not_finite():
   assert not np.array_equal(out.state.bases[1], st.bases[1])
 
 
-def _hand_built(lr, wd, b1=0.9, b2=0.98, eps=1e-8, freq=10, init_factor=0.1, max_clamp=4000):
+def _hand_built(lr, wd, b1=0.9, b2=0.98, eps=1e-8, freq=10, init_factor="spectrum",
+                max_clamp=4000):
   return optax.chain(
       kl_optax.kron_transform(
           kl_optax.momentum(b1),

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -104,6 +105,22 @@ PRESETS = {
 }
 
 
+def _init_factor(value: str):
+  try:
+    return float(value)
+  except ValueError:
+    return value
+
+
+SHORT_RUN_INIT_FACTOR = 1e-3  # for recipes whose default start is a constant
+
+
+def _default_start(base: str):
+  """The suite's init_factor for a KL recipe when none is given (see --kl-init-factor)."""
+  default = inspect.signature(kl_optax.RECIPES[base].constructor).parameters["init_factor"].default
+  return None if isinstance(default, str) else SHORT_RUN_INIT_FACTOR
+
+
 def _parse(argv):
   p = argparse.ArgumentParser(prog="python -m kl_optax.benchmarks",
                               description=__doc__.split("\n\n")[0],
@@ -121,9 +138,11 @@ def _parse(argv):
                  help="grid points added beyond an edge optimum (default 2)")
   p.add_argument("--evals", type=int, default=20, help="validation evaluations per run")
   p.add_argument("--timing-calls", type=int, default=30)
-  p.add_argument("--kl-init-factor", type=float, default=1e-3,
-                 help="init_factor of kl_shampoo, kl_soap and pro_kl_shampoo (default 1e-3; the "
-                      "recipes' own default 0.1 is meant for runs of thousands of steps)")
+  p.add_argument("--kl-init-factor", type=_init_factor, default=None,
+                 help="init_factor of kl_shampoo, kl_soap and pro_kl_shampoo: a number or a rule "
+                      "name. Default: each recipe's own start where it is a rule (kl_shampoo: "
+                      "'spectrum'), 1e-3 where it is the paper's constant 0.1, which is meant "
+                      "for runs of thousands of steps")
   p.add_argument("--out", default="runs/benchmarks")
   p.add_argument("--no-plots", action="store_true")
   p.add_argument("--no-progress", action="store_true")
@@ -182,8 +201,10 @@ class _Runner:
     base, kwargs = harness.parse_variant(name)
     task = self.task(seed)
     kwargs = {**task.optimizer_kwargs.get(base, {}), **kwargs}
-    if base in KL_RECIPES and self.kl_init_factor is not None:
-      kwargs.setdefault("init_factor", self.kl_init_factor)
+    if base in KL_RECIPES:
+      start = self.kl_init_factor if self.kl_init_factor is not None else _default_start(base)
+      if start is not None:
+        kwargs.setdefault("init_factor", start)
     if base != "adamw":
       kwargs.setdefault("adam_leaves", task.adam_leaves)
     return make_optimizer(base, lr, self.steps, **kwargs)
