@@ -258,7 +258,7 @@ def test_complement_direction_is_orthogonal_to_the_subspace():
 def test_rank_at_least_the_dim_is_exactly_kl_shampoo():
   params = {"w": jnp.zeros((8, 16)), "t": jnp.zeros((3, 4, 5)), "b": jnp.zeros((16,))}
   pro = kl_optax.pro_kl_shampoo(1e-2, rank=16)
-  kl = kl_optax.kl_shampoo(1e-2)
+  kl = kl_optax.kl_shampoo(1e-2, init_factor=0.1)  # Pro's default start is the paper's constant
   sp, sk = pro.init(params), kl.init(params)
   rng = np.random.default_rng(11)
   for _ in range(25):
