@@ -379,19 +379,16 @@ def scale_by_kl_soap(
     b2: keep factor of the second moment, the factors and the eigenvalue estimates.
     eps: added to ``sqrt(ṽ)``.
     precondition_frequency: refresh the bases every this many steps.
-    init_factor: initial eigenvalue estimate.
+    init_factor: starting eigenvalue estimates of the factor updates: a
+      constant (the paper's 0.1), ``"spectrum"`` or ``"rms"`` (see
+      :func:`scale_by_kl_shampoo`).
     max_clamp: bound in the eigenvalue floor ``1/c_k²`` (``None``: no floor).
     refresh_tolerance: adaptive basis refresh; ``None`` refreshes every time.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
-    damping: added to the eigenvalue increments, scaled by the other modes'
-      mean inverse eigenvalues (:func:`kl_optax.ema_eigenvalues`; the authors'
-      ``using_damping`` is ``damping=eps``). 0: none.
-    normalize_update: divide each tensor's update by its root mean square
-      (:func:`kl_optax.rms_normalize`; the authors' ``normalize_grads``). Static.
-    update_order: ``"jacobi"`` (every statistic reads the previous step's
-      eigenvalues) or ``"authors"`` (the partly Gauss–Seidel order of the
-      authors' code for 3-D tensors; :func:`kl_optax.kl_statistics`). Static.
+    damping: eigenvalue-increment damping (see :func:`scale_by_kl_shampoo`).
+    normalize_update: divide each tensor's update by its RMS. Static.
+    update_order: ``"jacobi"`` or ``"authors"``. Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
       per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
@@ -1157,7 +1154,8 @@ class RecipeSpec:
 
 RECIPES: dict[str, RecipeSpec] = {spec.name: spec for spec in (
     RecipeSpec("kl_shampoo", kl_shampoo, scale_by_kl_shampoo, kl=True,
-               learning_rates={"char_gpt": 1.6e-2, "digits_mlp": 1.6e-2, "kron_regression": 0.256}),
+               # With its default start ("spectrum"), docs/benchmarks.md.
+               learning_rates={"char_gpt": 1.6e-2, "digits_mlp": 1.6e-2, "kron_regression": 6.4e-2}),
     RecipeSpec("kl_soap", kl_soap, scale_by_kl_soap, kl=True,
                learning_rates={"char_gpt": 8e-3, "digits_mlp": 1.6e-2, "kron_regression": 0.256}),
     RecipeSpec("pro_kl_shampoo", pro_kl_shampoo, scale_by_pro_kl_shampoo, kl=True,
