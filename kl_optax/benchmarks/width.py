@@ -103,6 +103,7 @@ def _plot(path, results, widths, args):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
 
   fig, axes = plt.subplots(1, len(widths), figsize=(4 * len(widths), 3.6), sharey=True,
                            squeeze=False)
@@ -113,6 +114,7 @@ def _plot(path, results, widths, args):
       losses = np.array([sw[k] for k in sw])
       ax.plot(lrs, losses, marker="o", ms=4, label=name)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set(title=f"d {width}", xlabel="peak learning rate")
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel(f"validation loss after {args.steps} steps")
