@@ -4,10 +4,10 @@ Optimizer states of every recipe are pytrees of arrays with stable shapes and
 dtypes, so Orbax saves and restores them as they are. These two helpers add
 what a long run needs around ``orbax.checkpoint.StandardCheckpointer``:
 
-* :func:`restore` checks the checkpoint against the target before reading it
+* [`restore`][kl_optax.checkpoint.restore] checks the checkpoint against the target before reading it
   and names the leaves whose shapes or dtypes differ, or that one side lacks;
 * restoring onto a mesh places every array with the target's sharding (use
-  :func:`kl_optax.state_shardings` to build the target);
+  [`kl_optax.state_shardings`][kl_optax.sharding.state_shardings] to build the target);
 * zero-size arrays, which Orbax refuses to write, are left out and recreated
   on restore (no recipe's state holds one; a custom part's slots might);
 * checkpoints of Pro-KLShampoo state written before its restricted-mode
@@ -136,7 +136,7 @@ def restore(path: str | os.PathLike, target: Any) -> Any:
   """Restores the pytree saved at ``path`` into the structure, shapes and shardings of ``target``.
 
   Args:
-    path: a checkpoint written by :func:`save` (or Orbax's ``StandardCheckpointer``).
+    path: a checkpoint written by [`save`][kl_optax.checkpoint.save] (or Orbax's ``StandardCheckpointer``).
     target: a pytree of ``jax.ShapeDtypeStruct`` (with shardings, to restore
       onto a mesh) or of arrays, for example ``abstract_like(state,
       kl_optax.state_shardings(tx, params))`` or

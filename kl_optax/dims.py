@@ -3,7 +3,7 @@
 Models rarely store each weight matrix as its own leaf. A transformer whose
 blocks are built with ``nnx.scan``/``nnx.vmap`` holds one ``(L, d, f)`` array
 for the L layers' kernels; a mixture of experts holds ``(E, d, f)``; a Flax
-attention kernel is ``(d, heads, head_dim)``. :class:`DimensionNumbers` says
+attention kernel is ``(d, heads, head_dim)``. [`DimensionNumbers`][kl_optax.dims.DimensionNumbers] says
 how such a leaf is meant:
 
 * ``batch_axes``: each slice along these axes is its own tensor (a layer, an
@@ -18,14 +18,14 @@ After grouping, size-1 modes are squeezed and large modes blocked, as for any
 leaf. A recipe's ``dimension_numbers=`` takes, for the whole tree,
 
 * ``None`` (every leaf as it is);
-* a :class:`DimensionNumbers` (for every leaf);
+* a [`DimensionNumbers`][kl_optax.dims.DimensionNumbers] (for every leaf);
 * a pytree of ``DimensionNumbers``/``None`` that is a prefix of the params;
 * a function of the params returning such a pytree (under
   ``optax.inject_hyperparams`` a function passed as a recipe's keyword is
   taken for a schedule: pass it inside ``kl_optax.Layout(...)``, list it in
   ``static_args``, or use a rule);
-* a :class:`DimensionRule` from :func:`scanned`, :func:`attention_heads` or
-  :func:`match`, combined with ``|`` (rules read leaf paths and shapes, so
+* a [`DimensionRule`][kl_optax.dims.DimensionRule] from [`scanned`][kl_optax.dims.scanned], [`attention_heads`][kl_optax.dims.attention_heads] or
+  [`match`][kl_optax.dims.match], combined with ``|`` (rules read leaf paths and shapes, so
   the same rule fits the params, the masked trees ``optax.partition`` passes
   on and the state of ``nnx.Optimizer``).
 """
@@ -176,7 +176,7 @@ RuleFn = Callable[[str, tuple[int, ...], "DimensionNumbers | None"], "DimensionN
 class DimensionRule:
   """Dimension numbers computed per leaf from its path and shape.
 
-  Made by :func:`scanned`, :func:`attention_heads` and :func:`match`;
+  Made by [`scanned`][kl_optax.dims.scanned], [`attention_heads`][kl_optax.dims.attention_heads] and [`match`][kl_optax.dims.match];
   ``a | b`` applies ``a`` and then ``b`` (``b`` sees the dimension numbers
   ``a`` chose, so ``scanned('blocks') | attention_heads('attn')`` handles a
   scanned attention kernel). A rule is not callable, so that

@@ -1,7 +1,7 @@
 """Reading an optimizer state for logging: refresh and skip counters, Kronecker states.
 
-Every function here walks the state once with :func:`_counters`, which
-finds the :class:`~kl_optax.KronTransformState` and non-finite guard states
+Every function here walks the state once with `_counters`, which
+finds the [`KronTransformState`][kl_optax.state.KronTransformState] and non-finite guard states
 wherever they sit (under ``optax.chain``, ``partition``,
 ``inject_hyperparams``, ``MultiSteps``, …).
 """
@@ -49,8 +49,8 @@ def _counters(opt_state, slot: str) -> dict[str, Any]:
   return out
 
 
-def kron_states(opt_state) -> list[KronTransformState]:
-  """Every :class:`KronTransformState` inside an optimizer state (e.g. under ``optax.partition``).
+def kron_states(opt_state: optax.OptState) -> list[KronTransformState]:
+  """Every [`KronTransformState`][kl_optax.state.KronTransformState] inside an optimizer state (e.g. under ``optax.partition``).
 
   Examples:
     >>> import jax.numpy as jnp, kl_optax
@@ -62,7 +62,7 @@ def kron_states(opt_state) -> list[KronTransformState]:
   return trees.find_states(opt_state, KronTransformState)
 
 
-def adam_states(opt_state) -> list[Any]:
+def adam_states(opt_state: optax.OptState) -> list[Any]:
   """Every ``optax.ScaleByAdamState`` inside an optimizer state: the fallback's moments.
 
   In a recipe's state there is one, holding AdamW's ``mu`` and ``nu`` for the
@@ -78,7 +78,7 @@ def adam_states(opt_state) -> list[Any]:
   return trees.find_states(opt_state, optax.ScaleByAdamState)
 
 
-def refresh_counts(opt_state) -> dict[str, jax.Array]:
+def refresh_counts(opt_state: optax.OptState) -> dict[str, jax.Array]:
   """Basis refreshes performed so far, per shape group, for logging.
 
   Returns:
@@ -100,13 +100,13 @@ def refresh_counts(opt_state) -> dict[str, jax.Array]:
   return _counters(opt_state, REFRESHES)
 
 
-def nonfinite_skips(opt_state) -> dict[str, Any]:
+def nonfinite_skips(opt_state: optax.OptState) -> dict[str, Any]:
   """Steps skipped because of non-finite values, for logging.
 
   Returns:
-    ``{leaf path: count}`` from :func:`kl_optax.zero_nonfinite` (the recipes'
+    ``{leaf path: count}`` from [`kl_optax.zero_nonfinite`][kl_optax.safety.zero_nonfinite] (the recipes'
     AdamW leaves: steps with non-finite entries) or
-    :func:`kl_optax.skip_nonfinite` (steps skipped), and
+    [`kl_optax.skip_nonfinite`][kl_optax.safety.skip_nonfinite] (steps skipped), and
     ``{"<d_1>x<d_2>…": counts}`` per Kronecker shape group (steps skipped, one
     count per stacked tensor or block), whichever the state holds.
 
@@ -123,8 +123,8 @@ def nonfinite_skips(opt_state) -> dict[str, Any]:
   return _counters(opt_state, NONFINITE_SKIPS)
 
 
-def spike_clips(opt_state, params: Any = None) -> dict[str, Any]:
-  """Steps in which :func:`kl_optax.spike_guard` scaled a gradient back, per leaf.
+def spike_clips(opt_state: optax.OptState, params: Any = None) -> dict[str, Any]:
+  """Steps in which [`kl_optax.spike_guard`][kl_optax.safety.spike_guard] scaled a gradient back, per leaf.
 
   Args:
     opt_state: an optimizer state.

@@ -78,7 +78,7 @@ def project(x: jax.Array, bases: Sequence[jax.Array]) -> jax.Array:
 def project_back(x: jax.Array, bases: Sequence[jax.Array]) -> jax.Array:
   """Maps ``x`` back from a Kronecker eigenbasis: ``x ×_1 Q_1 ×_2 Q_2 …``.
 
-  For a matrix this is ``Q_a x Q_bᵀ``; it inverts :func:`project` when every
+  For a matrix this is ``Q_a x Q_bᵀ``; it inverts [`project`][kl_optax.kron.project] when every
   ``Q_k`` is orthogonal.
   """
   for k, q in enumerate(bases):

@@ -37,8 +37,8 @@ import kl_optax
 __all__ = ["ADAM_LEAVES", "Bilinear", "Block", "CNN", "GPT", "GPTConfig", "MLP", "PARAM_RULES",
            "SCANNED", "loss_fn", "make_train_step", "param_spec", "stack_blocks"]
 
-# Leaves of the GPT that recipes should send to AdamW (regular expressions on their paths).
 ADAM_LEAVES = (r"\['embed'\]", r"\['pos'\]", r"\['head'\]")
+"""Leaves of the GPT that recipes should send to AdamW (regular expressions on their paths)."""
 
 # The dimension numbers of a GPT built with ``scan=True``: axis 0 of every
 # block parameter is the layer.

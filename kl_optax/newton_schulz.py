@@ -7,17 +7,16 @@ is ``A = X Xᵀ; X ← a X + (b A + c A²) X`` on the wide orientation of ``X``
 
 Three forms:
 
-* :func:`newton_schulz_orthogonalize` — the array function (one matrix; use
+* [`newton_schulz_orthogonalize`][kl_optax.newton_schulz.newton_schulz_orthogonalize] — the array function (one matrix; use
   ``jax.vmap`` for a stack);
-* :func:`orthogonalize` — a :class:`~kl_optax.Part` replacing the running
+* [`orthogonalize`][kl_optax.newton_schulz.orthogonalize] — a [`Part`][kl_optax.state.Part] replacing the running
   update of a Kronecker optimizer by its orthogonalization;
-* :func:`scale_by_newton_schulz` — a stand-alone optax transformation (the
+* [`scale_by_newton_schulz`][kl_optax.newton_schulz.scale_by_newton_schulz] — a stand-alone optax transformation (the
   direction of Muon, without its momentum and scaling).
 """
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,16 +36,16 @@ __all__ = [
     "scale_by_newton_schulz",
 ]
 
-#: Muon's quintic: fast, maps singular values into roughly [0.7, 1.2], not to 1.
 MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-#: A quintic with fixed point 1 (``a + b + c = 1``, ``|p'(1)| = 0.6``): every
-#: singular value in (0, 1] converges to one, at the price of more steps.
+"""Muon's quintic: fast, maps singular values into roughly [0.7, 1.2], not to 1."""
 EXACT_COEFFICIENTS = (3.0, -16.0 / 5.0, 6.0 / 5.0)
+"""A quintic with fixed point 1 (``a + b + c = 1``, ``|p'(1)| = 0.6``): every singular value in
+(0, 1] converges to one, at the price of more steps."""
 
 _PRESETS = {"muon": MUON_COEFFICIENTS, "exact": EXACT_COEFFICIENTS}
 
 
-def newton_schulz_coefficients(coefficients: Any, steps: int) -> list[tuple[float, float, float]]:
+def newton_schulz_coefficients(coefficients: str | tuple[float, float, float], steps: int) -> list[tuple[float, float, float]]:
   """The ``(a, b, c)`` of every step.
 
   Args:
@@ -84,7 +83,7 @@ def newton_schulz_coefficients(coefficients: Any, steps: int) -> list[tuple[floa
   return schedule
 
 
-def _single_triple(coefficients: Any) -> tuple[float, float, float] | None:
+def _single_triple(coefficients: str | tuple[float, float, float]) -> tuple[float, float, float] | None:
   if isinstance(coefficients, str):
     return _PRESETS.get(coefficients)
   coefficients = tuple(coefficients)
@@ -97,8 +96,8 @@ def newton_schulz_orthogonalize(
     x: jax.Array,
     *,
     steps: int = 5,
-    coefficients: Any = "muon",
-    dtype: Any = None,
+    coefficients: str | tuple[float, float, float] = "muon",
+    dtype: jax.typing.DTypeLike | None = None,
     eps: float = 1e-7,
 ) -> jax.Array:
   r"""Approximates the orthogonal polar factor of a matrix.
@@ -112,8 +111,8 @@ def newton_schulz_orthogonalize(
     x: a 2-D array.
     steps: number of iterations (may be traced when ``coefficients`` is one
       triple or a preset).
-    coefficients: ``"muon"`` (:data:`MUON_COEFFICIENTS`), ``"exact"``
-      (:data:`EXACT_COEFFICIENTS`), an ``(a, b, c)`` triple or a per-step
+    coefficients: ``"muon"`` ([`MUON_COEFFICIENTS`][kl_optax.newton_schulz.MUON_COEFFICIENTS]), ``"exact"``
+      ([`EXACT_COEFFICIENTS`][kl_optax.newton_schulz.EXACT_COEFFICIENTS]), an ``(a, b, c)`` triple or a per-step
       schedule of ``steps`` triples.
     dtype: iteration dtype (``None``: float32, or ``x``'s dtype if wider).
       ``"bfloat16"`` is faster on accelerators and good enough for Muon's
@@ -161,7 +160,10 @@ def _as_matrix(x: jax.Array) -> jax.Array:
 
 
 def orthogonalize(
-    steps: int = 5, coefficients: Any = "muon", *, dtype: Any = None
+    steps: int = 5,
+    coefficients: str | tuple[float, float, float] = "muon",
+    *,
+    dtype: jax.typing.DTypeLike | None = None,
 ) -> Part:
   """A part replacing the running update by ``NS(update)``.
 
@@ -169,11 +171,11 @@ def orthogonalize(
 
   Args:
     steps: Newton–Schulz iterations.
-    coefficients: see :func:`newton_schulz_orthogonalize`.
+    coefficients: see [`newton_schulz_orthogonalize`][kl_optax.newton_schulz.newton_schulz_orthogonalize].
     dtype: iteration dtype.
 
   Returns:
-    A :class:`~kl_optax.Part` without state.
+    A [`Part`][kl_optax.state.Part] without state.
   """
   newton_schulz_coefficients(coefficients, steps)  # validate now
 
@@ -187,7 +189,10 @@ def orthogonalize(
 
 
 def scale_by_newton_schulz(
-    steps: int = 5, coefficients: Any = "muon", *, dtype: Any = None
+    steps: int = 5,
+    coefficients: str | tuple[float, float, float] = "muon",
+    *,
+    dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   """Replaces every update leaf by its Newton–Schulz orthogonalization.
 
@@ -198,7 +203,7 @@ def scale_by_newton_schulz(
 
   Args:
     steps: Newton–Schulz iterations.
-    coefficients: see :func:`newton_schulz_orthogonalize`.
+    coefficients: see [`newton_schulz_orthogonalize`][kl_optax.newton_schulz.newton_schulz_orthogonalize].
     dtype: iteration dtype.
 
   Returns:

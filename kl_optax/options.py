@@ -119,7 +119,7 @@ class Layout:
   weight_decay_mask: Any = None
   max_precond_dim: int = routing.DEFAULT_MAX_PRECOND_DIM
   block_size: int | None = None
-  state_dtype: Any = None
+  state_dtype: jax.typing.DTypeLike | None = None
   dimension_numbers: Any = None
 
   def __post_init__(self):
@@ -167,10 +167,10 @@ class Fallback:
   """
 
   learning_rate: Any = None
-  b1: Any = 0.9
-  b2: Any = 0.999
-  eps: Any = 1e-8
-  weight_decay: Any = None
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float | None = None
 
   def __post_init__(self):
     validation.check_range("Fallback.b1", self.b1, 0.0, 1.0)
@@ -184,7 +184,7 @@ def describe(params: Any, layout: Any = None, *, rank: int | None = None,
   """How every leaf is optimized, one line per leaf path: routing, tensors, blocks.
 
   A readable view of ``kl_optax.kron_labels`` (and, with ``rank``, of
-  ``kl_optax.pro_labels``) under a :class:`Layout`: for a Kronecker leaf
+  ``kl_optax.pro_labels``) under a [`Layout`][kl_optax.options.Layout]: for a Kronecker leaf
   the shape of its tensors after mode grouping and squeezing, how many it
   holds along which batch axes, and its blocks.
 

@@ -4,23 +4,23 @@ Every optimizer in this package is a short sequence of *parts* run on one
 preconditioned tensor at a time. A part is a pure function over an explicit,
 documented per-tensor state:
 
-* :class:`KronState` — the shared preconditioner state of one tensor ``G`` of
+* [`KronState`][kl_optax.state.KronState] — the shared preconditioner state of one tensor ``G`` of
   shape ``(d_1, …, d_K)``: one factor ``S_k`` (``d_k × d_k``), one orthonormal
   basis ``Q_k`` and one vector of eigenvalue estimates ``λ_k`` per mode, plus
   named *slots* (momentum and other buffers that individual parts own).
-* :class:`TensorStep` — what flows through the sequence during one optimizer
+* [`TensorStep`][kl_optax.state.TensorStep] — what flows through the sequence during one optimizer
   step: the state, this step's gradient, the running update (the direction
   produced so far; it starts as the gradient) and the step number ``t``.
-* :class:`Part` — a pure ``TensorStep -> TensorStep`` function for the steps
+* [`Part`][kl_optax.state.Part] — a pure ``TensorStep -> TensorStep`` function for the steps
   ``t ≥ 1`` (``Part.update``, also reachable by calling the part), an optional
   function for the initialization step ``t = 0`` (``Part.first_update``) and the
   slots the part needs (``Part.init_slots``).
 
-:func:`kl_optax.kron_transform` turns a sequence of parts into an
+[`kl_optax.kron_transform`][kl_optax.transform.kron_transform] turns a sequence of parts into an
 ``optax.GradientTransformationExtraArgs``. It stacks same-shape tensors and runs
 the parts under ``jax.vmap``, so a part is always written for a single tensor.
 
-KL-Shampoo (``docs/math.md``, "KL-Shampoo") is::
+KL-Shampoo (``docs/math.md``, "KL-Shampoo") is:
 
     kron_transform(
         momentum(b1),                    # m ← b1 m + (1−b1) G
@@ -36,7 +36,7 @@ specification (both read the old ``Q`` and ``λ``); ``qr_basis_refresh`` comes
 last so that it sees this step's factors.
 
 All parts compute in float32; the wrapper casts stored state up before and
-back down after the sequence. The state types are in :mod:`kl_optax.state`,
+back down after the sequence. The state types are in [`kl_optax.state`][kl_optax.state],
 with the names of the slots the parts own.
 """
 
@@ -112,7 +112,7 @@ def _others_size(shape: Shape, k: int) -> int:
 
 
 def momentum(
-    b1: Any = 0.9, *, nesterov: bool = False, bias_correction: bool = False,
+    b1: float = 0.9, *, nesterov: bool = False, bias_correction: bool = False,
     slot: str = MU,
 ) -> Part:
   r"""Exponential moving average of the running update, kept in original coordinates.
@@ -129,7 +129,7 @@ def momentum(
     slot: name of the slot that stores ``m``.
 
   Returns:
-    A :class:`Part` owning the slot ``slot`` (shape of the tensor).
+    A [`Part`][kl_optax.state.Part] owning the slot ``slot`` (shape of the tensor).
   """
 
   def update(step: TensorStep) -> TensorStep:
@@ -148,7 +148,7 @@ def momentum(
 # ----------------------------------------------------------------------------
 
 
-def whiten(eps: Any = 1e-8) -> Part:
+def whiten(eps: float = 1e-8) -> Part:
   r"""KL-Shampoo's direction: ``U = Pᵀ( P(u) ⊘ D )`` with the current bases and eigenvalues.
 
   ``P(x) = x ×_1 Q_1ᵀ ×_2 Q_2ᵀ …`` projects into the Kronecker eigenbasis and
@@ -159,7 +159,7 @@ def whiten(eps: Any = 1e-8) -> Part:
     eps: added to ``sqrt(∏ λ)`` (outside the square root).
 
   Returns:
-    A :class:`Part` that replaces the running update by its whitened version.
+    A [`Part`][kl_optax.state.Part] that replaces the running update by its whitened version.
   """
 
   def update(step: TensorStep) -> TensorStep:
@@ -172,9 +172,9 @@ def whiten(eps: Any = 1e-8) -> Part:
 
 
 def adam_in_eigenbasis(
-    b1: Any = 0.9,
-    b2: Any = 0.98,
-    eps: Any = 1e-8,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-8,
     *,
     bias_correction: bool = False,
     mu_slot: str = MU_EIG,
@@ -184,11 +184,11 @@ def adam_in_eigenbasis(
 
   With ``G̃ = P(u)`` (the running update in the current basis):
 
-  .. math::
-
-     \tilde m \leftarrow b_1 \tilde m + (1 - b_1) \tilde G, \qquad
-     \tilde v \leftarrow b_2 \tilde v + (1 - b_2) \tilde G^2, \qquad
-     U = c_t\, P^\top\big(\tilde m \oslash (\sqrt{\tilde v} + \epsilon)\big),
+  $$
+  \tilde m \leftarrow b_1 \tilde m + (1 - b_1) \tilde G, \qquad
+  \tilde v \leftarrow b_2 \tilde v + (1 - b_2) \tilde G^2, \qquad
+  U = c_t\, P^\top\big(\tilde m \oslash (\sqrt{\tilde v} + \epsilon)\big),
+  $$
 
   where ``c_t = 1`` or, with ``bias_correction=True``,
   ``c_t = sqrt(1 − b2^t) / (1 − b1^t)`` (the step-size form of SOAP's code, in
@@ -205,7 +205,7 @@ def adam_in_eigenbasis(
     nu_slot: slot of ``ṽ``.
 
   Returns:
-    A :class:`Part` owning the two slots (shape of the tensor).
+    A [`Part`][kl_optax.state.Part] owning the two slots (shape of the tensor).
   """
 
   def update(step: TensorStep) -> TensorStep:
@@ -224,7 +224,7 @@ def adam_in_eigenbasis(
 
 
 def eigenvalue_corrected_whiten(
-    b2: Any = 0.95, eps: Any = 1e-8, *, bias_correction: bool = True, slot: str = NU_EIG
+    b2: float = 0.95, eps: float = 1e-8, *, bias_correction: bool = True, slot: str = NU_EIG
 ) -> Part:
   r"""EShampoo's direction: the running update divided by corrected eigenvalues.
 
@@ -232,7 +232,7 @@ def eigenvalue_corrected_whiten(
   basis, ``D ← b2 D + (1 − b2) P(G)²`` (never rotated when the basis changes),
   and ``U = Pᵀ( P(u) ⊘ (sqrt(D̂) + eps) )`` with ``D̂ = D / (1 − b2^t)`` when
   ``bias_correction`` (else ``D̂ = D``). ``u`` is the running update (the
-  momentum, in original coordinates, when a :func:`momentum` part precedes).
+  momentum, in original coordinates, when a [`momentum`][kl_optax.parts.momentum] part precedes).
 
   Args:
     b2: keep factor of ``D``.
@@ -241,7 +241,7 @@ def eigenvalue_corrected_whiten(
     slot: slot of ``D``.
 
   Returns:
-    A :class:`Part` owning the slot ``slot`` (shape of the tensor).
+    A [`Part`][kl_optax.state.Part] owning the slot ``slot`` (shape of the tensor).
   """
 
   def update(step: TensorStep) -> TensorStep:
@@ -256,11 +256,11 @@ def eigenvalue_corrected_whiten(
   return Part(update=update, init_slots=_zero_slots(slot), name="eigenvalue_corrected_whiten")
 
 
-def inverse_root(eps: Any = 1e-12, *, exponent: Any = None) -> Part:
+def inverse_root(eps: float = 1e-12, *, exponent: Any = None) -> Part:
   r"""Shampoo's direction: ``U = (⊗_k (S_k + eps I)^{-p}) u`` through the eigenbasis.
 
   Uses the current bases and eigenvalue estimates (an exact eigendecomposition
-  when paired with :func:`eigh_basis_refresh`):
+  when paired with [`eigh_basis_refresh`][kl_optax.parts.eigh_basis_refresh]):
   ``U = Pᵀ( P(u) ⊘ ∏_k (λ_k + eps)^p )`` with ``p = 1/(2K)`` by default, so
   that ``⊗_k S_k`` as a whole is applied with exponent −1/2.
 
@@ -269,7 +269,7 @@ def inverse_root(eps: Any = 1e-12, *, exponent: Any = None) -> Part:
     exponent: ``p``; ``None`` means ``1 / (2K)`` for a tensor of order ``K``.
 
   Returns:
-    A :class:`Part` that replaces the running update.
+    A [`Part`][kl_optax.state.Part] that replaces the running update.
   """
 
   def update(step: TensorStep) -> TensorStep:
@@ -282,7 +282,7 @@ def inverse_root(eps: Any = 1e-12, *, exponent: Any = None) -> Part:
   return Part(update=update, name="inverse_root")
 
 
-def adam_grafting(b2: Any = 0.999, eps: Any = 1e-8, *, slot: str = NU_GRAFT) -> Part:
+def adam_grafting(b2: float = 0.999, eps: float = 1e-8, *, slot: str = NU_GRAFT) -> Part:
   r"""Rescales the running update to the norm of Adam's direction (per tensor).
 
   ``ν ← b2 ν + (1 − b2) G²``, ``A = G / (sqrt(ν / (1 − b2^t)) + eps)`` and
@@ -295,7 +295,7 @@ def adam_grafting(b2: Any = 0.999, eps: Any = 1e-8, *, slot: str = NU_GRAFT) -> 
     slot: slot of ``ν``.
 
   Returns:
-    A :class:`Part` owning the slot ``slot`` (shape of the tensor).
+    A [`Part`][kl_optax.state.Part] owning the slot ``slot`` (shape of the tensor).
   """
 
   def update(step: TensorStep) -> TensorStep:
@@ -309,7 +309,7 @@ def adam_grafting(b2: Any = 0.999, eps: Any = 1e-8, *, slot: str = NU_GRAFT) -> 
   return Part(update=update, init_slots=_zero_slots(slot), name="adam_grafting")
 
 
-def rms_normalize(eps: Any = 1e-30) -> Part:
+def rms_normalize(eps: float = 1e-30) -> Part:
   r"""Divides the running update by its root mean square: ``U ← U / (eps + rms(U))``.
 
   The authors' ``normalize_grads``, which despite its name normalizes the
@@ -321,7 +321,7 @@ def rms_normalize(eps: Any = 1e-30) -> Part:
     eps: added to the root mean square.
 
   Returns:
-    A :class:`Part` that rescales the running update.
+    A [`Part`][kl_optax.state.Part] that rescales the running update.
   """
 
   def update(step: TensorStep) -> TensorStep:
@@ -344,21 +344,21 @@ def _whitening_halves(state: KronState) -> list[jax.Array]:
 
 
 def _factor_increment(g: jax.Array, halves: list[jax.Array], k: int) -> jax.Array:
-  """``G_(k) (⊗_{j≠k} Ŝ_j⁻¹) G_(k)ᵀ / n_k`` from the halves of :func:`_whitening_halves`."""
+  """``G_(k) (⊗_{j≠k} Ŝ_j⁻¹) G_(k)ᵀ / n_k`` from the halves of `_whitening_halves`."""
   w = kron.other_modes_product(g, halves, skip=k)
   return kron.mode_gram(w, k) / _others_size(g.shape, k)
 
 
-def kl_factor_update(b2: Any = 0.98) -> Part:
+def kl_factor_update(b2: float = 0.98) -> Part:
   r"""The KL factor update (``docs/math.md``, "KL-Shampoo").
 
   For every mode ``k``, with the *current* bases and eigenvalues (Jacobi order):
 
-  .. math::
-
-     S_k \leftarrow b_2 S_k + \frac{1 - b_2}{n_k}
-         G_{(k)} \Big(\bigotimes_{j \ne k} \hat S_j^{-1}\Big) G_{(k)}^\top,
-     \qquad \hat S_j^{-1} = Q_j \operatorname{diag}(\lambda_j)^{-1} Q_j^\top,
+  $$
+  S_k \leftarrow b_2 S_k + \frac{1 - b_2}{n_k}
+      G_{(k)} \Big(\bigotimes_{j \ne k} \hat S_j^{-1}\Big) G_{(k)}^\top,
+  \qquad \hat S_j^{-1} = Q_j \operatorname{diag}(\lambda_j)^{-1} Q_j^\top,
+  $$
 
   where ``n_k = N / d_k``. Each factor is whitened by all the others and
   divided by their size: the stationary point of
@@ -370,7 +370,7 @@ def kl_factor_update(b2: Any = 0.98) -> Part:
     b2: keep factor of the factor average.
 
   Returns:
-    A :class:`Part` that writes ``state.factors``.
+    A [`Part`][kl_optax.state.Part] that writes ``state.factors``.
   """
 
   def first_update(step: TensorStep) -> TensorStep:
@@ -393,7 +393,7 @@ def kl_factor_update(b2: Any = 0.98) -> Part:
   return Part(update=update, first_update=first_update, name="kl_factor_update")
 
 
-def shampoo_factor_update(b2: Any = 0.95) -> Part:
+def shampoo_factor_update(b2: float = 0.95) -> Part:
   r"""Shampoo's (and SOAP's) factor average: ``S_k ← b2 S_k + (1 − b2) G_(k) G_(k)ᵀ``.
 
   No whitening by the other factors and no division by ``n_k``. On the
@@ -403,7 +403,7 @@ def shampoo_factor_update(b2: Any = 0.95) -> Part:
     b2: keep factor of the factor average.
 
   Returns:
-    A :class:`Part` that writes ``state.factors``.
+    A [`Part`][kl_optax.state.Part] that writes ``state.factors``.
   """
 
   def first_update(step: TensorStep) -> TensorStep:
@@ -422,7 +422,7 @@ def shampoo_factor_update(b2: Any = 0.95) -> Part:
   return Part(update=update, first_update=first_update, name="shampoo_factor_update")
 
 
-def clamp_floor(dim: int, max_clamp: Any = 4000) -> jax.Array:
+def clamp_floor(dim: int, max_clamp: float | None = 4000) -> jax.Array:
   """The eigenvalue floor ``1 / c²`` with ``c = max(10, min(dim, max_clamp))``.
 
   ``max_clamp=None`` turns the clamp off (the authors' ``using_clamping=False``):
@@ -442,7 +442,7 @@ EIGENVALUE_STARTS = ("rms", "spectrum")
 _FALLBACK_START = 0.1
 
 
-def check_init_factor(init_factor: Any) -> None:
+def check_init_factor(init_factor: float | str) -> None:
   """Raises ``ValueError`` unless ``init_factor`` is a positive number or a rule name."""
   if isinstance(init_factor, str):
     if init_factor not in EIGENVALUE_STARTS:
@@ -452,7 +452,7 @@ def check_init_factor(init_factor: Any) -> None:
   validation.check_range("init_factor", init_factor, 0.0, None, low_open=True)
 
 
-def initial_eigenvalues(init_factor: Any, g: jax.Array) -> tuple[jax.Array, ...]:
+def initial_eigenvalues(init_factor: float | str, g: jax.Array) -> tuple[jax.Array, ...]:
   r"""Starting eigenvalue estimates ``λ_k`` of a tensor from its first gradient ``G``.
 
   * a number ``c``: ``λ_k = c`` everywhere (the paper's rule; the second update
@@ -463,7 +463,7 @@ def initial_eigenvalues(init_factor: Any, g: jax.Array) -> tuple[jax.Array, ...]
     ``(1 − b1) G / rms(G)``, scale-free like Adam's;
   * ``"spectrum"``: the mode-``k`` marginal second moments, the eigenvalues
     ``w_k`` of ``G_(k) G_(k)ᵀ / n_k`` in descending order (the order of the
-    bases that :func:`qr_basis_refresh` starts from), shrunk half way to their
+    bases that [`qr_basis_refresh`][kl_optax.parts.qr_basis_refresh] starts from), shrunk half way to their
     mean ``μ = mean(G²)`` and rescaled so that ``∏_k mean(λ_k) = μ``:
     ``λ_k = ½ (w_k + μ) · μ^{1/K − 1}``.
 
@@ -480,7 +480,7 @@ def initial_eigenvalues(init_factor: Any, g: jax.Array) -> tuple[jax.Array, ...]
 
 def scaled_start(rule: str, g: jax.Array, moments: list[jax.Array] | None,
                  order: int | None = None) -> tuple[jax.Array, ...]:
-  """The rules of :func:`initial_eigenvalues` given the marginal moments ``w_k``.
+  """The rules of [`initial_eigenvalues`][kl_optax.parts.initial_eigenvalues] given the marginal moments ``w_k``.
 
   ``moments`` (one vector per estimate; ``None``: one per dim of ``g``, for
   ``"rms"`` only) may be any vectors of second moments whose mean
@@ -502,41 +502,41 @@ def scaled_start(rule: str, g: jax.Array, moments: list[jax.Array] | None,
 
 
 def ema_eigenvalues(
-    b2: Any = 0.98, *, init_factor: Any = 0.1, max_clamp: Any = 4000, damping: Any = 0.0
+    b2: float = 0.98, *, init_factor: float | str = 0.1, max_clamp: float | None = 4000, damping: float = 0.0
 ) -> Part:
   r"""Eigenvalue estimates as an average of the factor increment's diagonal in the current basis.
 
   With ``G̃ = P(G)`` (this gradient in the current basis) and the current
   ``λ`` (Jacobi order):
 
-  .. math::
-
-     \delta_k[i] = \frac{1}{n_k} \sum_{\text{all indices but } k,\ i_k = i}
-         \frac{\tilde G^2}{\prod_{j \ne k} \lambda_j[i_j]},
-     \qquad \lambda_k \leftarrow b_2 \lambda_k + (1 - b_2)\, \delta_k,
+  $$
+  \delta_k[i] = \frac{1}{n_k} \sum_{\text{all indices but } k,\ i_k = i}
+      \frac{\tilde G^2}{\prod_{j \ne k} \lambda_j[i_j]},
+  \qquad \lambda_k \leftarrow b_2 \lambda_k + (1 - b_2)\, \delta_k,
+  $$
 
   then ``λ_k ← max(λ_k, 1/c_k²)`` with ``c_k = max(10, min(d_k, max_clamp))``
   (``max_clamp=None``: no clamp). With ``damping > 0``, ``δ_k`` gains
   ``damping · ∏_{j≠k} mean(1/λ_j)`` (the authors' ``using_damping``, which
   uses ``eps`` as the damping).
   ``δ_k`` is ``diag(Q_kᵀ · increment_k · Q_k)`` for the increment of
-  :func:`kl_factor_update` — not the diagonal of ``Q_kᵀ S_k Q_k``. A
+  [`kl_factor_update`][kl_optax.parts.kl_factor_update] — not the diagonal of ``Q_kᵀ S_k Q_k``. A
   non-finite estimate is never stored: the entry keeps its previous value.
 
   On the initialization step: ``λ_k = init_factor``, or a rule's estimate
-  from the first gradient (:func:`initial_eigenvalues`).
+  from the first gradient ([`initial_eigenvalues`][kl_optax.parts.initial_eigenvalues]).
 
   Args:
     b2: keep factor of the average.
     init_factor: the initial eigenvalue estimate: a positive number, ``"rms"``
-      or ``"spectrum"`` (:func:`initial_eigenvalues`). Static when a name.
+      or ``"spectrum"`` ([`initial_eigenvalues`][kl_optax.parts.initial_eigenvalues]). Static when a name.
     max_clamp: upper limit of ``c_k`` in the eigenvalue floor; ``None`` turns
       the floor off.
     damping: added to the eigenvalue increments, scaled by the other modes'
       mean inverse eigenvalues.
 
   Returns:
-    A :class:`Part` that writes ``state.eigvals``.
+    A [`Part`][kl_optax.state.Part] that writes ``state.eigvals``.
   """
 
   check_init_factor(init_factor)
@@ -558,7 +558,7 @@ def ema_eigenvalues(
   return Part(update=update, first_update=first_update, name="ema_eigenvalues")
 
 
-def _eigen_increment(sq: jax.Array, inv: list[jax.Array], k: int, damping: Any,
+def _eigen_increment(sq: jax.Array, inv: list[jax.Array], k: int, damping: float,
                      damping_inv: list[jax.Array]) -> jax.Array:
   """``δ_k``: ``G̃²`` weighted by ``∏_{j≠k} 1/λ_j`` and averaged over all modes but ``k``.
 
@@ -575,8 +575,8 @@ def _eigen_increment(sq: jax.Array, inv: list[jax.Array], k: int, damping: Any,
   return delta
 
 
-def _ema_eigenvalue(b2: Any, lam: jax.Array, delta: jax.Array, dim: int,
-                    max_clamp: Any) -> jax.Array:
+def _ema_eigenvalue(b2: float, lam: jax.Array, delta: jax.Array, dim: int,
+                    max_clamp: float | None) -> jax.Array:
   """``max(b2 λ + (1 − b2) δ, floor)``; a non-finite result keeps the old ``λ``."""
   beta = _f32(b2)
   new = jnp.maximum(beta * lam + (1.0 - beta) * delta, clamp_floor(dim, max_clamp))
@@ -587,13 +587,13 @@ UPDATE_ORDERS = ("jacobi", "authors")
 
 
 def kl_statistics(
-    b2: Any = 0.98, *, order: str = "jacobi", init_factor: Any = 0.1, max_clamp: Any = 4000,
-    damping: Any = 0.0,
+    b2: float = 0.98, *, order: str = "jacobi", init_factor: float | str = 0.1, max_clamp: float | None = 4000,
+    damping: float = 0.0,
 ) -> Part:
   r"""The KL factor update and the eigenvalue estimates as one part, in a chosen order.
 
-  ``order="jacobi"`` is :func:`kl_factor_update` followed by
-  :func:`ema_eigenvalues`: every statistic of a step reads the ``λ`` of the
+  ``order="jacobi"`` is [`kl_factor_update`][kl_optax.parts.kl_factor_update] followed by
+  [`ema_eigenvalues`][kl_optax.parts.ema_eigenvalues]: every statistic of a step reads the ``λ`` of the
   previous step. ``order="authors"`` is the order of the authors' code, which
   for 3-D tensors is partly Gauss–Seidel (``docs/math.md``, "Update order"):
 
@@ -608,12 +608,12 @@ def kl_statistics(
   Args:
     b2: keep factor of the factors and eigenvalue estimates.
     order: ``"jacobi"`` or ``"authors"``.
-    init_factor: see :func:`ema_eigenvalues`.
-    max_clamp: see :func:`ema_eigenvalues`.
-    damping: see :func:`ema_eigenvalues` (always from the old ``λ``).
+    init_factor: see [`ema_eigenvalues`][kl_optax.parts.ema_eigenvalues].
+    max_clamp: see [`ema_eigenvalues`][kl_optax.parts.ema_eigenvalues].
+    damping: see [`ema_eigenvalues`][kl_optax.parts.ema_eigenvalues] (always from the old ``λ``).
 
   Returns:
-    A :class:`Part` that writes ``state.factors`` and ``state.eigvals``.
+    A [`Part`][kl_optax.state.Part] that writes ``state.factors`` and ``state.eigvals``.
   """
   if order not in UPDATE_ORDERS:
     raise ValueError(f"order must be one of {UPDATE_ORDERS}, got {order!r}.")
@@ -718,7 +718,7 @@ def _qr_iterations(s, q, tolerance, max_iters):
 
   Returns the new basis and the number of iterations run (0: ``Q`` was kept).
   Without a tolerance exactly ``max_iters`` iterations run (a loop of fixed
-  length); with one, a ``while_loop`` stops early (:func:`_adaptive_iterations`).
+  length); with one, a ``while_loop`` stops early (`_adaptive_iterations`).
   Both can be differentiated in forward and reverse mode.
   """
   if tolerance is None:
@@ -764,9 +764,9 @@ def _adaptive_iterations_jvp(max_iters, primals, tangents):
 
 
 def qr_basis_refresh(
-    precondition_frequency: Any = 10,
+    precondition_frequency: int = 10,
     *,
-    tolerance: Any = None,
+    tolerance: float | None = None,
     max_iters: int | None = 1,
     sort: bool = False,
     rotate_slots: tuple[str, ...] = (),
@@ -782,7 +782,7 @@ def qr_basis_refresh(
 
   * ``tolerance`` (adaptive refresh, ``docs/math.md``, "Adaptive basis refresh"): with
     ``B = Q_kᵀ S_k Q_k``, the basis is kept when
-    ``off(B) ≤ tolerance · ‖B‖_F`` (:func:`off_diagonal_ratio`); otherwise up to
+    ``off(B) ≤ tolerance · ‖B‖_F`` ([`off_diagonal_ratio`][kl_optax.parts.off_diagonal_ratio]); otherwise up to
     ``max_iters`` unshifted QR iterations ``Q_i R_i = qr(B); B ← R_i Q_i;
     Q_k ← Q_k Q_i`` run, stopping as soon as the criterion holds. One
     iteration is the power step above (``qr(S Q) = Q · qr(QᵀSQ)``). Each
@@ -811,7 +811,7 @@ def qr_basis_refresh(
     permute_slots: slots to permute with the sorted columns.
 
   Returns:
-    A :class:`Part` that writes ``state.bases`` and the slots ``'refreshes'``
+    A [`Part`][kl_optax.state.Part] that writes ``state.bases`` and the slots ``'refreshes'``
     and ``'refresh_failures'``.
   """
   tol = _static_tolerance(tolerance)
@@ -872,7 +872,7 @@ def qr_basis_refresh(
               name="qr_basis_refresh")
 
 
-def eigh_basis_refresh(precondition_frequency: Any = 10, *, tolerance: Any = None) -> Part:
+def eigh_basis_refresh(precondition_frequency: int = 10, *, tolerance: float | None = None) -> Part:
   r"""Exact eigendecompositions of the factors: ``λ_k, Q_k = eigh(S_k)`` (Shampoo).
 
   Runs on the initialization step and on steps with
@@ -889,7 +889,7 @@ def eigh_basis_refresh(precondition_frequency: Any = 10, *, tolerance: Any = Non
     tolerance: relative off-diagonal tolerance in [0, 1] (``None``: always).
 
   Returns:
-    A :class:`Part` that writes ``state.bases``, ``state.eigvals`` and the
+    A [`Part`][kl_optax.state.Part] that writes ``state.bases``, ``state.eigvals`` and the
     slots ``'refreshes'`` and ``'refresh_failures'``.
   """
   tol = _static_tolerance(tolerance)

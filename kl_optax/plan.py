@@ -1,18 +1,19 @@
 """The tensor plan: how the leaves of a tree become stacks of same-shape tensors.
 
-:func:`plan_tensors` checks every leaf, splits it into its tensors along its
+[`plan_tensors`][kl_optax.plan.plan_tensors] checks every leaf, splits it into its tensors along its
 batch axes and groups its other axes into modes (its dimension numbers,
-:mod:`kl_optax.dims`), squeezes size-1 modes, cuts modes larger than
+[`kl_optax.dims`][kl_optax.dims]), squeezes size-1 modes, cuts modes larger than
 ``max_precond_dim`` into blocks and assigns every tensor (block) to a *shape
-group*. :func:`pack` stacks the leaves' blocks per group (zero
-padding a stack to a given length, for meshes); :func:`unpack` is its
-inverse. :func:`check_matches_state` compares a plan with the stacks of an
+group*. [`pack`][kl_optax.plan.pack] stacks the leaves' blocks per group (zero
+padding a stack to a given length, for meshes); [`unpack`][kl_optax.plan.unpack] is its
+inverse. [`check_matches_state`][kl_optax.plan.check_matches_state] compares a plan with the stacks of an
 existing state and names the leaves when they disagree.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -41,7 +42,7 @@ class TensorPlan(NamedTuple):
     treedef: the tree structure of the leaves.
     paths: a readable path per leaf.
     shapes: each leaf's original shape.
-    dims: each leaf's checked dimension numbers (:class:`kl_optax.dims.LeafDims`).
+    dims: each leaf's checked dimension numbers ([`kl_optax.dims.LeafDims`][kl_optax.dims.LeafDims]).
     squeezed: the shape of each leaf's tensors (the leaf itself, or one slice
       along its batch axes), modes grouped, without size-1 modes.
     blocks: per leaf, its blocks in row-major order, each
@@ -115,7 +116,7 @@ def plan_tensors(
       ``block_size``).
     block_size: the block length along a cut dim (``None``: no blocking).
     dimension_numbers: batch axes and mode groups per leaf (see
-      :mod:`kl_optax.dims`; ``None``: every leaf is one tensor, each axis a mode).
+      [`kl_optax.dims`][kl_optax.dims]; ``None``: every leaf is one tensor, each axis a mode).
 
   Raises:
     TypeError: a leaf is not floating point (the message names the leaf).
@@ -182,7 +183,7 @@ def _tensors(x: jax.Array, leaf_dims: dims_lib.LeafDims, sq: tuple[int, ...]) ->
 
 
 def _untensors(y: jax.Array, leaf_dims: dims_lib.LeafDims, shape: tuple[int, ...]) -> jax.Array:
-  """The inverse of :func:`_tensors`."""
+  """The inverse of `_tensors`."""
   if leaf_dims.is_identity:
     return y.reshape(shape)
   y = y.reshape(tuple(shape[a] for a in leaf_dims.perm))
@@ -192,7 +193,8 @@ def _untensors(y: jax.Array, leaf_dims: dims_lib.LeafDims, shape: tuple[int, ...
   return jnp.transpose(y, inverse)
 
 
-def pack(plan: TensorPlan, leaves, padded_sizes=None, dtype=jnp.float32) -> tuple[jax.Array, ...]:
+def pack(plan: TensorPlan, leaves: Sequence[jax.Array], padded_sizes: Sequence[int] | None = None,
+         dtype: jax.typing.DTypeLike = jnp.float32) -> tuple[jax.Array, ...]:
   """Stacks the blocks of ``leaves`` per group, zero-padded to ``padded_sizes``.
 
   Args:
@@ -232,8 +234,9 @@ def _assemble(pieces: list[jax.Array], grid: tuple[int, ...], axis: int = 0) -> 
   return parts[0] if k == 1 else jnp.concatenate(parts, axis=axis + 1)
 
 
-def unpack(plan: TensorPlan, stacks, leaves) -> list[jax.Array]:
-  """The inverse of :func:`pack`: one array per leaf, in the leaf's shape and dtype.
+def unpack(plan: TensorPlan, stacks: Sequence[jax.Array],
+           leaves: Sequence[jax.Array]) -> list[jax.Array]:
+  """The inverse of [`pack`][kl_optax.plan.pack]: one array per leaf, in the leaf's shape and dtype.
 
   Args:
     plan: the plan the stacks were packed with.

@@ -4,13 +4,13 @@ r"""Pro-KLShampoo: one spike-and-flat factor, whitening recovered by orthogonali
 KL-Shampoo's math). For a matrix ``G`` (``m × n`` once oriented so that the
 restricted side is the column side) KL-Shampoo's right factor is restricted to
 
-.. math::
-
-   \hat R = U \operatorname{diag}(\lambda) U^\top + \sigma (I - U U^\top),
-   \qquad U \in \mathbb{R}^{n \times r},\ U^\top U = I,
+$$
+\hat R = U \operatorname{diag}(\lambda) U^\top + \sigma (I - U U^\top),
+\qquad U \in \mathbb{R}^{n \times r},\ U^\top U = I,
+$$
 
 a *spike* of ``r`` tracked directions and a *flat* remainder. Every power of
-``R̂`` has the same form (:func:`spike_flat_apply`), so no ``n × n`` matrix is
+``R̂`` has the same form ([`spike_flat_apply`][kl_optax.pro.spike_flat_apply]), so no ``n × n`` matrix is
 ever built. The left factor stays a dense KL-Shampoo factor.
 
 The direction splits the momentum ``N`` into its part in the span of ``U``,
@@ -24,7 +24,7 @@ State per restricted tensor, beside the dense left factor's ``S_a``, ``Q_a``,
 ``λ_a`` and the momentum: ``U`` (slot ``'spike_basis'``, ``n × r``), ``λ``
 (``'spike_eigvals'``, ``r``), ``σ`` (``'flat'``, a scalar) and, optionally, the
 subspace accumulator ``Y`` (``'spike_sketch'``, ``n × r``). The restricted
-mode's dense factor, basis and eigenvalues in :class:`~kl_optax.KronState` are
+mode's dense factor, basis and eigenvalues in [`KronState`][kl_optax.state.KronState] are
 one-row placeholders (``(1, n)``, ``(1,)``).
 """
 
@@ -190,18 +190,18 @@ def _check_rank(shape, mode, rank):
 
 def spike_flat_projection(
     rank: int = 128,
-    b2: Any = 0.98,
-    precondition_frequency: Any = 10,
+    b2: float = 0.98,
+    precondition_frequency: int = 10,
     *,
-    init_factor: Any = 0.1,
-    max_clamp: Any = 4000,
+    init_factor: float | str = 0.1,
+    max_clamp: float | None = 4000,
     restricted_side: str = "larger",
     accumulate: bool = True,
 ) -> Part:
   r"""Pro-KLShampoo's statistics: a dense left factor and a spike-and-flat right factor.
 
   In the working orientation (``G`` is ``m × n`` with the restricted side
-  as columns; see :func:`restricted_mode`), with the *current* ``Q_a``,
+  as columns; see [`restricted_mode`][kl_optax.pro.restricted_mode]), with the *current* ``Q_a``,
   ``λ_a``, ``U``, ``λ``, ``σ`` (Jacobi order, as in KL-Shampoo):
 
   1. Left factor, with ``R̂⁻¹`` in closed form and ``Z = G U``:
@@ -214,7 +214,7 @@ def spike_flat_projection(
   3. Subspace: ``Y ← b2 Y + (1 − b2) Wᵀ (W U)/m`` (a power step on the
      right factor's average). On steps with ``t mod precondition_frequency
      == 0``: ``U_new = qr(Y).Q``, ``λ`` and ``σ`` re-expressed in the new
-     basis keeping the trace (:func:`spike_flat_reexpress`), ``Y`` reset to
+     basis keeping the trace ([`spike_flat_reexpress`][kl_optax.pro.spike_flat_reexpress]), ``Y`` reset to
      ``U_new diag(λ_new)``. With ``accumulate=False`` no ``Y`` is stored and
      the refresh uses ``b2 U diag(λ) + (1 − b2) Wᵀ(WU)/m`` of that step
      (saving ``n r`` floats per tensor).
@@ -222,14 +222,14 @@ def spike_flat_projection(
   Floors: ``λ_a ≥ 1/c_m²``, ``λ, σ ≥ 1/c_n²`` with ``c_d = max(10, min(d,
   max_clamp))``; a non-finite estimate or basis is never stored (the previous
   value is kept). The dense basis ``Q_a`` is refreshed by a following
-  :func:`~kl_optax.qr_basis_refresh`, which skips the restricted mode; this
+  [`qr_basis_refresh`][kl_optax.parts.qr_basis_refresh], which skips the restricted mode; this
   part counts its own subspace refreshes in ``'refreshes'``.
 
   Initialization step: ``S_a = (1 − b2)/n · G Gᵀ``; ``U`` = the top-``r``
   right singular vectors of ``G`` (the top eigenvectors of ``GᵀG/m``, found
   from the ``m × m`` Gram matrix and completed by QR when ``r`` exceeds
   ``G``'s rank); ``λ_a = λ = σ = init_factor`` (or a rule's estimates from
-  ``G``'s singular values, :func:`~kl_optax.parts.initial_eigenvalues`);
+  ``G``'s singular values, [`initial_eigenvalues`][kl_optax.parts.initial_eigenvalues]);
   ``Y = U diag(λ)``.
 
   Args:
@@ -240,11 +240,11 @@ def spike_flat_projection(
       number, ``"rms"`` or ``"spectrum"``.
     max_clamp: bound in the eigenvalue floors.
     restricted_side: which side of each matrix is restricted (see
-      :func:`restricted_mode`).
+      [`restricted_mode`][kl_optax.pro.restricted_mode]).
     accumulate: keep the subspace accumulator ``Y``.
 
   Returns:
-    A :class:`~kl_optax.Part` for matrices. It writes the dense mode's
+    A [`Part`][kl_optax.state.Part] for matrices. It writes the dense mode's
     factor and eigenvalues and owns the slots named in the module docstring.
   """
   rank = validation.static_int(rank, "rank")
@@ -261,10 +261,10 @@ def spike_flat_projection(
 
 class _ProjectionOptions(NamedTuple):
   rank: int
-  b2: Any
-  precondition_frequency: Any
-  init_factor: Any
-  max_clamp: Any
+  b2: float
+  precondition_frequency: int
+  init_factor: float | str
+  max_clamp: float | None
   restricted_side: str
   accumulate: bool
 
@@ -330,7 +330,7 @@ def _top_right_singular_basis(g: jax.Array, gram: jax.Array, rank: int):
 def _initial_estimates(init_factor, g, sq_singular, rank):
   """``λ_a`` (m,), ``λ`` (r,) and ``σ`` of the first step (``m × n`` working orientation).
 
-  A number sets all three; the rules of :func:`kl_optax.parts.initial_eigenvalues`
+  A number sets all three; the rules of [`kl_optax.parts.initial_eigenvalues`][kl_optax.parts.initial_eigenvalues]
   use the marginal moments: the left factor's ``s²/n``, the spike's top
   ``s²/m`` and the flat part's average of the remaining ``s²/m``.
   """
@@ -462,7 +462,7 @@ def _projection_update(options: _ProjectionOptions, step: TensorStep) -> TensorS
 _COMPLEMENT_SCALES = ("sqrt_n", "sqrt_complement", "muon")
 
 
-def complement_scale_value(complement_scale: Any, m: int, n: int, rank: int) -> Any:
+def complement_scale_value(complement_scale: float | None, m: int, n: int, rank: int) -> Any:
   """``κ`` for an ``m × n`` working matrix: ``None``/``"sqrt_n"`` → ``√n``,
   ``"sqrt_complement"`` → ``√(n − r)``, ``"muon"`` → ``√max(1, m/n)``, a number → itself."""
   if complement_scale is None or complement_scale == "sqrt_n":
@@ -479,12 +479,12 @@ def complement_scale_value(complement_scale: Any, m: int, n: int, rank: int) -> 
 
 
 def spike_flat_whiten(
-    eps: Any = 1e-8,
+    eps: float = 1e-8,
     *,
-    complement_scale: Any = None,
+    complement_scale: float | None = None,
     ns_steps: int = 5,
-    ns_coefficients: Any = "muon",
-    ns_dtype: Any = None,
+    ns_coefficients: str | tuple[float, float, float] = "muon",
+    ns_dtype: jax.typing.DTypeLike | None = None,
     restricted_side: str = "larger",
 ) -> Part:
   r"""Pro-KLShampoo's direction from the running update ``N`` (the momentum).
@@ -508,12 +508,12 @@ def spike_flat_whiten(
     eps: added to ``sqrt(λ_a λᵀ)``.
     complement_scale: ``κ``, see above.
     ns_steps: Newton–Schulz iterations.
-    ns_coefficients: see :func:`kl_optax.newton_schulz_orthogonalize`.
+    ns_coefficients: see [`kl_optax.newton_schulz_orthogonalize`][kl_optax.newton_schulz.newton_schulz_orthogonalize].
     ns_dtype: Newton–Schulz iteration dtype (``None``: float32).
-    restricted_side: as in :func:`spike_flat_projection` (use the same).
+    restricted_side: as in [`spike_flat_projection`][kl_optax.pro.spike_flat_projection] (use the same).
 
   Returns:
-    A :class:`~kl_optax.Part` that replaces the running update.
+    A [`Part`][kl_optax.state.Part] that replaces the running update.
   """
   newton_schulz_coefficients(ns_coefficients, ns_steps)
   if isinstance(complement_scale, str):

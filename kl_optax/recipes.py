@@ -21,6 +21,7 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import optax
 
 from kl_optax import parts as P
@@ -42,16 +43,16 @@ def _check_common(b1, b2, eps, precondition_frequency):
 
 
 def scale_by_kl_shampoo(
-    b1: Any = 0.9,
-    b2: Any = 0.98,
-    eps: Any = 1e-8,
-    precondition_frequency: Any = 10,
-    init_factor: Any = "spectrum",
-    max_clamp: Any = 4000,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-8,
+    precondition_frequency: int = 10,
+    init_factor: float | str = "spectrum",
+    max_clamp: float | None = 4000,
     *,
-    refresh_tolerance: Any = None,
+    refresh_tolerance: float | None = None,
     refresh_max_iters: int | None = None,
-    damping: Any = 0.0,
+    damping: float = 0.0,
     normalize_update: bool = False,
     update_order: str = "jacobi",
     dimension_numbers: Any = None,
@@ -65,25 +66,27 @@ def scale_by_kl_shampoo(
   ``KL(N(0, E[ggᵀ]) ‖ N(0, S))``; the update is
   ``Δ = (⊗_k Ŝ_k^{-1/2}) m`` with ``m`` the momentum. Per step ``t ≥ 1``:
 
-  .. math::
-
-     m &\leftarrow b_1 m + (1 - b_1) G \\
-     U &= P^\top\!\big(P(m) \oslash (\sqrt{\textstyle\prod_k \lambda_k} + \epsilon)\big) \\
-     S_k &\leftarrow b_2 S_k + \tfrac{1 - b_2}{n_k}
-           G_{(k)} \big(\textstyle\bigotimes_{j \ne k} \hat S_j^{-1}\big) G_{(k)}^\top \\
-     \lambda_k &\leftarrow \max\big(b_2 \lambda_k + (1 - b_2)\,\delta_k,\ 1/c_k^2\big) \\
-     Q_k &\leftarrow \operatorname{qr}(S_k Q_k).Q
-           \quad\text{if } t \bmod \text{precondition\_frequency} = 0
+  $$
+  \begin{aligned}
+  m &\leftarrow b_1 m + (1 - b_1) G \\
+  U &= P^\top\!\big(P(m) \oslash (\sqrt{\textstyle\prod_k \lambda_k} + \epsilon)\big) \\
+  S_k &\leftarrow b_2 S_k + \tfrac{1 - b_2}{n_k}
+        G_{(k)} \big(\textstyle\bigotimes_{j \ne k} \hat S_j^{-1}\big) G_{(k)}^\top \\
+  \lambda_k &\leftarrow \max\big(b_2 \lambda_k + (1 - b_2)\,\delta_k,\ 1/c_k^2\big) \\
+  Q_k &\leftarrow \operatorname{qr}(S_k Q_k).Q
+        \quad\text{if } t \bmod \text{precondition\_frequency} = 0
+  \end{aligned}
+  $$
 
   The first update initializes ``S_k`` from the gradient, ``Q_k`` from its
   eigenvectors and ``λ_k`` from the gradient's marginal second moments
-  (``init_factor="spectrum"``, :func:`kl_optax.initial_eigenvalues`), and
+  (``init_factor="spectrum"``, [`kl_optax.initial_eigenvalues`][kl_optax.parts.initial_eigenvalues]), and
   returns zero. With a constant ``init_factor=c`` (the paper's rule, ``c =
   0.1``) ``λ_k = c`` and the second update is exactly
   ``(1 − b1) G / (c^{K/2} + eps)``.
 
   Every leaf must have at least two dims larger than one (size-1 dims are
-  squeezed). :func:`kl_shampoo` routes other leaves to AdamW.
+  squeezed). [`kl_shampoo`][kl_optax.recipes.kl_shampoo] routes other leaves to AdamW.
 
   Args:
     b1: momentum keep factor.
@@ -101,21 +104,21 @@ def scale_by_kl_shampoo(
       ``c_k = max(10, min(d_k, max_clamp))``; ``None`` turns the clamp off
       (the authors' ``using_clamping=False``).
     refresh_tolerance: adaptive basis refresh (see
-      :func:`kl_optax.qr_basis_refresh`); ``None`` refreshes every time.
+      [`kl_optax.qr_basis_refresh`][kl_optax.parts.qr_basis_refresh]); ``None`` refreshes every time.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
     damping: added to the eigenvalue increments, scaled by the other modes'
-      mean inverse eigenvalues (:func:`kl_optax.ema_eigenvalues`; the authors'
+      mean inverse eigenvalues ([`kl_optax.ema_eigenvalues`][kl_optax.parts.ema_eigenvalues]; the authors'
       ``using_damping`` is ``damping=eps``). 0: none.
     normalize_update: divide each tensor's update by its root mean square
-      (:func:`kl_optax.rms_normalize`; the authors' ``normalize_grads``). Static.
+      ([`kl_optax.rms_normalize`][kl_optax.parts.rms_normalize]; the authors' ``normalize_grads``). Static.
     update_order: ``"jacobi"`` (every statistic reads the previous step's
       eigenvalues) or ``"authors"`` (the partly Gauss–Seidel order of the
-      authors' code for 3-D tensors; :func:`kl_optax.kl_statistics`). Static.
+      authors' code for 3-D tensors; [`kl_optax.kl_statistics`][kl_optax.parts.kl_statistics]). Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
-      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      per leaf ([`kl_optax.dims`][kl_optax.dims]: [`kl_optax.scanned`][kl_optax.dims.scanned], ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
-    layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
+    layout: blocking and storage dtype ([`kl_optax.Layout`][kl_optax.options.Layout]; its masks
       must be unset: a preconditioner routes nothing).
 
   Returns:
@@ -173,11 +176,11 @@ def _kl_statistics(b2, init_factor, max_clamp, damping, update_order) -> list:
 def with_adam_fallback(
     preconditioner: optax.GradientTransformation,
     learning_rate: optax.ScalarOrSchedule,
-    weight_decay: Any = 0.0,
+    weight_decay: float = 0.0,
     *,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
-    spike_threshold: Any = 10.0,
+    spike_threshold: float | None = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Completes a preconditioner into an optimizer and routes other leaves to AdamW.
@@ -186,26 +189,26 @@ def with_adam_fallback(
   decay at every step, the first included); the others get
   ``optax.adamw`` with the settings of ``fallback`` (its learning rate and
   weight decay default to ``learning_rate`` and ``weight_decay``). The split
-  follows ``layout.labels`` (:func:`kl_optax.kron_labels`); with
+  follows ``layout.labels`` ([`kl_optax.kron_labels`][kl_optax.routing.kron_labels]); with
   ``layout.block_size``, leaves with large dims stay in the Kronecker branch
   and are blocked there, so the preconditioner must be built with the same
   layout.
 
   A leaf's gradient whose norm jumps above ``spike_threshold`` times its
-  running average is first scaled back to that (:func:`kl_optax.spike_guard`),
+  running average is first scaled back to that ([`kl_optax.spike_guard`][kl_optax.safety.spike_guard]),
   so that a gradient spike enters neither the step nor the statistics. A
   preconditioned tensor whose gradient, statistics or update would not be
-  finite skips the step (see :func:`kl_optax.kron_transform`); the AdamW
-  branch zeroes non-finite gradient entries (:func:`kl_optax.zero_nonfinite`);
+  finite skips the step (see [`kl_optax.kron_transform`][kl_optax.transform.kron_transform]); the AdamW
+  branch zeroes non-finite gradient entries ([`kl_optax.zero_nonfinite`][kl_optax.safety.zero_nonfinite]);
   gradients that do not match the state raise an error naming the leaf
-  (:func:`kl_optax.check_gradients`).
+  ([`kl_optax.check_gradients`][kl_optax.safety.check_gradients]).
 
   Args:
     preconditioner: the Kronecker branch's preconditioner (a ``scale_by_*``).
     learning_rate: a float or an optax schedule.
     weight_decay: decoupled weight decay of both branches.
-    layout: the routing (:class:`kl_optax.Layout`).
-    fallback: AdamW's settings (:class:`kl_optax.Fallback`).
+    layout: the routing ([`kl_optax.Layout`][kl_optax.options.Layout]).
+    fallback: AdamW's settings ([`kl_optax.Fallback`][kl_optax.options.Fallback]).
     spike_threshold: the spike guard's threshold (``None``: no guard).
     **legacy: the keywords ``layout`` and ``fallback`` replaced
       (``precondition_mask=``, ``adam_b1=``, …), accepted with a
@@ -246,34 +249,34 @@ def with_adam_fallback(
 
 def kl_shampoo(
     learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.98,
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.01,
-    precondition_frequency: Any = 10,
-    init_factor: Any = "spectrum",
-    max_clamp: Any = 4000,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    precondition_frequency: int = 10,
+    init_factor: float | str = "spectrum",
+    max_clamp: float | None = 4000,
     *,
-    refresh_tolerance: Any = None,
+    refresh_tolerance: float | None = None,
     refresh_max_iters: int | None = None,
-    damping: Any = 0.0,
+    damping: float = 0.0,
     normalize_update: bool = False,
     update_order: str = "jacobi",
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
-    spike_threshold: Any = 10.0,
+    spike_threshold: float | None = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""KL-Shampoo: Shampoo's Kronecker factors fitted by KL minimization.
 
   Preconditioned leaves get ``−learning_rate · (U + weight_decay · W)`` with
-  ``U`` from :func:`scale_by_kl_shampoo` (see there for the math); every other
+  ``U`` from [`scale_by_kl_shampoo`][kl_optax.recipes.scale_by_kl_shampoo] (see there for the math); every other
   leaf gets AdamW.
 
-  The static choices are ``layout`` (:class:`kl_optax.Layout`: which leaves
+  The static choices are ``layout`` ([`kl_optax.Layout`][kl_optax.options.Layout]: which leaves
   are preconditioned, blocking, storage dtype) and ``fallback``
-  (:class:`kl_optax.Fallback`: the AdamW of every other leaf). By default
+  ([`kl_optax.Fallback`][kl_optax.options.Fallback]: the AdamW of every other leaf). By default
   every leaf with at least two dims larger than one is preconditioned, and
   scalars and vectors (biases, norm scales) go to AdamW.
 
@@ -287,25 +290,25 @@ def kl_shampoo(
     precondition_frequency: refresh the eigenbases every this many steps.
     init_factor: starting eigenvalue estimates: ``"spectrum"`` (default),
       ``"rms"`` or a constant such as the paper's 0.1 (see
-      :func:`scale_by_kl_shampoo`). Static when a name.
+      [`scale_by_kl_shampoo`][kl_optax.recipes.scale_by_kl_shampoo]). Static when a name.
     max_clamp: bound in the eigenvalue floor ``1/c_k²`` (``None``: no floor).
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
-      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
+      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` ([`kl_optax.qr_basis_refresh`][kl_optax.parts.qr_basis_refresh]).
     refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
-    damping: eigenvalue-increment damping (see :func:`scale_by_kl_shampoo`).
+    damping: eigenvalue-increment damping (see [`scale_by_kl_shampoo`][kl_optax.recipes.scale_by_kl_shampoo]).
     normalize_update: divide each tensor's update by its root mean square
       (the authors' ``normalize_grads``). Static.
-    update_order: ``"jacobi"`` or ``"authors"`` (see :func:`scale_by_kl_shampoo`).
+    update_order: ``"jacobi"`` or ``"authors"`` (see [`scale_by_kl_shampoo`][kl_optax.recipes.scale_by_kl_shampoo]).
       Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
-      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      per leaf ([`kl_optax.dims`][kl_optax.dims]: [`kl_optax.scanned`][kl_optax.dims.scanned], ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
-    layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
-    fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    layout: routing, blocking, storage dtype ([`kl_optax.Layout`][kl_optax.options.Layout]).
+    fallback: the other leaves' AdamW ([`kl_optax.Fallback`][kl_optax.options.Fallback]).
     spike_threshold: a leaf's gradient whose norm exceeds this many times
       its running average is scaled back to it before the optimizer sees it
-      (:func:`kl_optax.spike_guard`; ``None``: off).
-    **legacy: older keywords, see :mod:`kl_optax.options`.
+      ([`kl_optax.spike_guard`][kl_optax.safety.spike_guard]; ``None``: off).
+    **legacy: older keywords, see `kl_optax.options`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -340,16 +343,16 @@ def kl_shampoo(
 
 
 def scale_by_kl_soap(
-    b1: Any = 0.9,
-    b2: Any = 0.98,
-    eps: Any = 1e-8,
-    precondition_frequency: Any = 10,
-    init_factor: Any = 0.1,
-    max_clamp: Any = 4000,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-8,
+    precondition_frequency: int = 10,
+    init_factor: float | str = 0.1,
+    max_clamp: float | None = 4000,
     *,
-    refresh_tolerance: Any = None,
+    refresh_tolerance: float | None = None,
     refresh_max_iters: int | None = None,
-    damping: Any = 0.0,
+    damping: float = 0.0,
     normalize_update: bool = False,
     update_order: str = "jacobi",
     dimension_numbers: Any = None,
@@ -359,16 +362,18 @@ def scale_by_kl_soap(
   r"""Rescales updates by KL-SOAP: Adam in the eigenbasis of KL-fitted factors.
 
   SOAP with its factor average replaced by the KL factor update of
-  :func:`scale_by_kl_shampoo` (``docs/math.md``, "KL-SOAP"). The eigenvalue estimates
+  [`scale_by_kl_shampoo`][kl_optax.recipes.scale_by_kl_shampoo] (``docs/math.md``, "KL-SOAP"). The eigenvalue estimates
   ``λ_k`` only whiten the factor updates; they never enter the direction. Per
   step ``t ≥ 1``, with ``G̃ = P(G)`` in the current basis:
 
-  .. math::
-
-     \tilde m &\leftarrow b_1 \tilde m + (1 - b_1) \tilde G, \qquad
-     \tilde v \leftarrow b_2 \tilde v + (1 - b_2) \tilde G^2 \\
-     U &= P^\top\big(\tilde m \oslash (\sqrt{\tilde v} + \epsilon)\big)
-     \quad\text{(no bias correction)}
+  $$
+  \begin{aligned}
+  \tilde m &\leftarrow b_1 \tilde m + (1 - b_1) \tilde G, \qquad
+  \tilde v \leftarrow b_2 \tilde v + (1 - b_2) \tilde G^2 \\
+  U &= P^\top\big(\tilde m \oslash (\sqrt{\tilde v} + \epsilon)\big)
+  \quad\text{(no bias correction)}
+  \end{aligned}
+  $$
 
   then the factor and eigenvalue statistics of KL-Shampoo with this step's
   gradient, and on refresh steps the new basis, into which ``m̃`` is rotated
@@ -381,18 +386,18 @@ def scale_by_kl_soap(
     precondition_frequency: refresh the bases every this many steps.
     init_factor: starting eigenvalue estimates of the factor updates: a
       constant (the paper's 0.1), ``"spectrum"`` or ``"rms"`` (see
-      :func:`scale_by_kl_shampoo`).
+      [`scale_by_kl_shampoo`][kl_optax.recipes.scale_by_kl_shampoo]).
     max_clamp: bound in the eigenvalue floor ``1/c_k²`` (``None``: no floor).
     refresh_tolerance: adaptive basis refresh; ``None`` refreshes every time.
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
-    damping: eigenvalue-increment damping (see :func:`scale_by_kl_shampoo`).
+    damping: eigenvalue-increment damping (see [`scale_by_kl_shampoo`][kl_optax.recipes.scale_by_kl_shampoo]).
     normalize_update: divide each tensor's update by its RMS. Static.
     update_order: ``"jacobi"`` or ``"authors"``. Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
-      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      per leaf ([`kl_optax.dims`][kl_optax.dims]: [`kl_optax.scanned`][kl_optax.dims.scanned], ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
-    layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
+    layout: blocking and storage dtype ([`kl_optax.Layout`][kl_optax.options.Layout]; its masks
       must be unset: a preconditioner routes nothing).
 
   Returns:
@@ -427,33 +432,33 @@ def scale_by_kl_soap(
 
 def kl_soap(
     learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.98,
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.01,
-    precondition_frequency: Any = 10,
-    init_factor: Any = 0.1,
-    max_clamp: Any = 4000,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    precondition_frequency: int = 10,
+    init_factor: float | str = 0.1,
+    max_clamp: float | None = 4000,
     *,
-    refresh_tolerance: Any = None,
+    refresh_tolerance: float | None = None,
     refresh_max_iters: int | None = None,
-    damping: Any = 0.0,
+    damping: float = 0.0,
     normalize_update: bool = False,
     update_order: str = "jacobi",
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
-    spike_threshold: Any = 10.0,
+    spike_threshold: float | None = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""KL-SOAP: Adam in the eigenbasis of Kronecker factors fitted by KL minimization.
 
   Preconditioned leaves get ``−learning_rate · (U + weight_decay · W)`` with
-  ``U`` from :func:`scale_by_kl_soap`; every other leaf gets AdamW.
+  ``U`` from [`scale_by_kl_soap`][kl_optax.recipes.scale_by_kl_soap]; every other leaf gets AdamW.
 
-  The static choices are ``layout`` (:class:`kl_optax.Layout`: which leaves
+  The static choices are ``layout`` ([`kl_optax.Layout`][kl_optax.options.Layout]: which leaves
   are preconditioned, blocking, storage dtype) and ``fallback``
-  (:class:`kl_optax.Fallback`: the AdamW of every other leaf). By default
+  ([`kl_optax.Fallback`][kl_optax.options.Fallback]: the AdamW of every other leaf). By default
   every leaf with at least two dims larger than one is preconditioned, and
   scalars and vectors (biases, norm scales) go to AdamW.
 
@@ -467,22 +472,22 @@ def kl_soap(
     init_factor: initial eigenvalue estimate of the factor updates.
     max_clamp: bound in the eigenvalue floor ``1/c_k²`` (``None``: no floor).
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
-      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
+      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` ([`kl_optax.qr_basis_refresh`][kl_optax.parts.qr_basis_refresh]).
     refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
-    damping: eigenvalue-increment damping (see :func:`scale_by_kl_shampoo`).
+    damping: eigenvalue-increment damping (see [`scale_by_kl_shampoo`][kl_optax.recipes.scale_by_kl_shampoo]).
     normalize_update: divide each tensor's update by its root mean square
       (the authors' ``normalize_grads``). Static.
-    update_order: ``"jacobi"`` or ``"authors"`` (see :func:`scale_by_kl_shampoo`).
+    update_order: ``"jacobi"`` or ``"authors"`` (see [`scale_by_kl_shampoo`][kl_optax.recipes.scale_by_kl_shampoo]).
       Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
-      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      per leaf ([`kl_optax.dims`][kl_optax.dims]: [`kl_optax.scanned`][kl_optax.dims.scanned], ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
-    layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
-    fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    layout: routing, blocking, storage dtype ([`kl_optax.Layout`][kl_optax.options.Layout]).
+    fallback: the other leaves' AdamW ([`kl_optax.Fallback`][kl_optax.options.Fallback]).
     spike_threshold: a leaf's gradient whose norm exceeds this many times
       its running average is scaled back to it before the optimizer sees it
-      (:func:`kl_optax.spike_guard`; ``None``: off).
-    **legacy: older keywords, see :mod:`kl_optax.options`.
+      ([`kl_optax.spike_guard`][kl_optax.safety.spike_guard]; ``None``: off).
+    **legacy: older keywords, see `kl_optax.options`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -512,12 +517,12 @@ def kl_soap(
 
 
 def scale_by_soap(
-    b1: Any = 0.95,
-    b2: Any = 0.95,
-    eps: Any = 1e-8,
-    precondition_frequency: Any = 10,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    precondition_frequency: int = 10,
     *,
-    refresh_tolerance: Any = None,
+    refresh_tolerance: float | None = None,
     refresh_max_iters: int | None = None,
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
@@ -549,9 +554,9 @@ def scale_by_soap(
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
-      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      per leaf ([`kl_optax.dims`][kl_optax.dims]: [`kl_optax.scanned`][kl_optax.dims.scanned], ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
-    layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
+    layout: blocking and storage dtype ([`kl_optax.Layout`][kl_optax.options.Layout]; its masks
       must be unset: a preconditioner routes nothing).
 
   Returns:
@@ -583,29 +588,29 @@ def scale_by_soap(
 
 def soap(
     learning_rate: optax.ScalarOrSchedule = 3e-3,
-    b1: Any = 0.95,
-    b2: Any = 0.95,
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.01,
-    precondition_frequency: Any = 10,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    precondition_frequency: int = 10,
     *,
-    refresh_tolerance: Any = None,
+    refresh_tolerance: float | None = None,
     refresh_max_iters: int | None = None,
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
-    spike_threshold: Any = 10.0,
+    spike_threshold: float | None = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors (a baseline).
 
   Preconditioned leaves get ``−learning_rate · (U + weight_decay · W)`` with
-  ``U`` from :func:`scale_by_soap` (see there, including where this differs
+  ``U`` from [`scale_by_soap`][kl_optax.recipes.scale_by_soap] (see there, including where this differs
   from the authors' code); every other leaf gets AdamW.
 
-  The static choices are ``layout`` (:class:`kl_optax.Layout`: which leaves
+  The static choices are ``layout`` ([`kl_optax.Layout`][kl_optax.options.Layout]: which leaves
   are preconditioned, blocking, storage dtype) and ``fallback``
-  (:class:`kl_optax.Fallback`: the AdamW of every other leaf). By default
+  ([`kl_optax.Fallback`][kl_optax.options.Fallback]: the AdamW of every other leaf). By default
   every leaf with at least two dims larger than one is preconditioned, and
   scalars and vectors (biases, norm scales) go to AdamW.
 
@@ -617,17 +622,17 @@ def soap(
     weight_decay: decoupled weight decay (every step, the first included).
     precondition_frequency: refresh the eigenbases every this many steps.
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
-      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
+      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` ([`kl_optax.qr_basis_refresh`][kl_optax.parts.qr_basis_refresh]).
     refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
-      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      per leaf ([`kl_optax.dims`][kl_optax.dims]: [`kl_optax.scanned`][kl_optax.dims.scanned], ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
-    layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
-    fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    layout: routing, blocking, storage dtype ([`kl_optax.Layout`][kl_optax.options.Layout]).
+    fallback: the other leaves' AdamW ([`kl_optax.Fallback`][kl_optax.options.Fallback]).
     spike_threshold: a leaf's gradient whose norm exceeds this many times
       its running average is scaled back to it before the optimizer sees it
-      (:func:`kl_optax.spike_guard`; ``None``: off).
-    **legacy: older keywords, see :mod:`kl_optax.options`.
+      ([`kl_optax.spike_guard`][kl_optax.safety.spike_guard]; ``None``: off).
+    **legacy: older keywords, see `kl_optax.options`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -651,13 +656,13 @@ def soap(
 
 
 def scale_by_shampoo(
-    b1: Any = 0.9,
-    b2: Any = 0.99,
-    eps: Any = 1e-12,
-    precondition_frequency: Any = 10,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-12,
+    precondition_frequency: int = 10,
     *,
-    graft_eps: Any = 1e-8,
-    refresh_tolerance: Any = None,
+    graft_eps: float = 1e-8,
+    refresh_tolerance: float | None = None,
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     **legacy: Any,
@@ -684,11 +689,11 @@ def scale_by_shampoo(
     precondition_frequency: recompute the eigendecompositions every this many steps.
     graft_eps: Adam's epsilon in the grafting direction.
     refresh_tolerance: skip a factor's eigendecomposition while its basis still
-      satisfies the criterion of :func:`kl_optax.eigh_basis_refresh`.
+      satisfies the criterion of [`kl_optax.eigh_basis_refresh`][kl_optax.parts.eigh_basis_refresh].
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
-      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      per leaf ([`kl_optax.dims`][kl_optax.dims]: [`kl_optax.scanned`][kl_optax.dims.scanned], ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
-    layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
+    layout: blocking and storage dtype ([`kl_optax.Layout`][kl_optax.options.Layout]; its masks
       must be unset: a preconditioner routes nothing).
 
   Returns:
@@ -719,28 +724,28 @@ def scale_by_shampoo(
 
 def shampoo(
     learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.99,
-    eps: Any = 1e-12,
-    weight_decay: Any = 0.01,
-    precondition_frequency: Any = 10,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-12,
+    weight_decay: float = 0.01,
+    precondition_frequency: int = 10,
     *,
-    graft_eps: Any = 1e-8,
-    refresh_tolerance: Any = None,
+    graft_eps: float = 1e-8,
+    refresh_tolerance: float | None = None,
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
-    spike_threshold: Any = 10.0,
+    spike_threshold: float | None = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Shampoo with Adam grafting (a baseline).
 
   Preconditioned leaves get ``−learning_rate · (U + weight_decay · W)`` with
-  ``U`` from :func:`scale_by_shampoo`; every other leaf gets AdamW.
+  ``U`` from [`scale_by_shampoo`][kl_optax.recipes.scale_by_shampoo]; every other leaf gets AdamW.
 
-  The static choices are ``layout`` (:class:`kl_optax.Layout`: which leaves
+  The static choices are ``layout`` ([`kl_optax.Layout`][kl_optax.options.Layout]: which leaves
   are preconditioned, blocking, storage dtype) and ``fallback``
-  (:class:`kl_optax.Fallback`: the AdamW of every other leaf). By default
+  ([`kl_optax.Fallback`][kl_optax.options.Fallback]: the AdamW of every other leaf). By default
   every leaf with at least two dims larger than one is preconditioned, and
   scalars and vectors (biases, norm scales) go to AdamW.
 
@@ -753,16 +758,16 @@ def shampoo(
     precondition_frequency: recompute the eigendecompositions every this many steps.
     graft_eps: Adam's epsilon in the grafting direction.
     refresh_tolerance: skip a factor's eigendecomposition while its basis
-      still satisfies the criterion of :func:`kl_optax.eigh_basis_refresh`.
+      still satisfies the criterion of [`kl_optax.eigh_basis_refresh`][kl_optax.parts.eigh_basis_refresh].
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
-      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      per leaf ([`kl_optax.dims`][kl_optax.dims]: [`kl_optax.scanned`][kl_optax.dims.scanned], ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
-    layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
-    fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    layout: routing, blocking, storage dtype ([`kl_optax.Layout`][kl_optax.options.Layout]).
+    fallback: the other leaves' AdamW ([`kl_optax.Fallback`][kl_optax.options.Fallback]).
     spike_threshold: a leaf's gradient whose norm exceeds this many times
       its running average is scaled back to it before the optimizer sees it
-      (:func:`kl_optax.spike_guard`; ``None``: off).
-    **legacy: older keywords, see :mod:`kl_optax.options`.
+      ([`kl_optax.spike_guard`][kl_optax.safety.spike_guard]; ``None``: off).
+    **legacy: older keywords, see `kl_optax.options`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -786,12 +791,12 @@ def shampoo(
 
 
 def scale_by_eshampoo(
-    b1: Any = 0.9,
-    b2: Any = 0.95,
-    eps: Any = 1e-8,
-    precondition_frequency: Any = 10,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    precondition_frequency: int = 10,
     *,
-    refresh_tolerance: Any = 0.01,
+    refresh_tolerance: float | None = 0.01,
     refresh_max_iters: int | None = None,
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
@@ -818,9 +823,9 @@ def scale_by_eshampoo(
     refresh_max_iters: largest number of QR iterations per refresh (``None``:
       1). Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
-      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      per leaf ([`kl_optax.dims`][kl_optax.dims]: [`kl_optax.scanned`][kl_optax.dims.scanned], ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
-    layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
+    layout: blocking and storage dtype ([`kl_optax.Layout`][kl_optax.options.Layout]; its masks
       must be unset: a preconditioner routes nothing).
 
   Returns:
@@ -850,28 +855,28 @@ def scale_by_eshampoo(
 
 def eshampoo(
     learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.95,
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.01,
-    precondition_frequency: Any = 10,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    precondition_frequency: int = 10,
     *,
-    refresh_tolerance: Any = 0.01,
+    refresh_tolerance: float | None = 0.01,
     refresh_max_iters: int | None = None,
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
-    spike_threshold: Any = 10.0,
+    spike_threshold: float | None = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenvalue-corrected Shampoo with adaptive basis refresh (a baseline).
 
   Preconditioned leaves get ``−learning_rate · (U + weight_decay · W)`` with
-  ``U`` from :func:`scale_by_eshampoo`; every other leaf gets AdamW.
+  ``U`` from [`scale_by_eshampoo`][kl_optax.recipes.scale_by_eshampoo]; every other leaf gets AdamW.
 
-  The static choices are ``layout`` (:class:`kl_optax.Layout`: which leaves
+  The static choices are ``layout`` ([`kl_optax.Layout`][kl_optax.options.Layout]: which leaves
   are preconditioned, blocking, storage dtype) and ``fallback``
-  (:class:`kl_optax.Fallback`: the AdamW of every other leaf). By default
+  ([`kl_optax.Fallback`][kl_optax.options.Fallback]: the AdamW of every other leaf). By default
   every leaf with at least two dims larger than one is preconditioned, and
   scalars and vectors (biases, norm scales) go to AdamW.
 
@@ -883,17 +888,17 @@ def eshampoo(
     weight_decay: decoupled weight decay (every step, the first included).
     precondition_frequency: check (and refresh) the bases every this many steps.
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
-      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
+      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` ([`kl_optax.qr_basis_refresh`][kl_optax.parts.qr_basis_refresh]).
     refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
-      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      per leaf ([`kl_optax.dims`][kl_optax.dims]: [`kl_optax.scanned`][kl_optax.dims.scanned], ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
-    layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
-    fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    layout: routing, blocking, storage dtype ([`kl_optax.Layout`][kl_optax.options.Layout]).
+    fallback: the other leaves' AdamW ([`kl_optax.Fallback`][kl_optax.options.Fallback]).
     spike_threshold: a leaf's gradient whose norm exceeds this many times
       its running average is scaled back to it before the optimizer sees it
-      (:func:`kl_optax.spike_guard`; ``None``: off).
-    **legacy: older keywords, see :mod:`kl_optax.options`.
+      ([`kl_optax.spike_guard`][kl_optax.safety.spike_guard]; ``None``: off).
+    **legacy: older keywords, see `kl_optax.options`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -919,20 +924,20 @@ def eshampoo(
 
 def scale_by_pro_kl_shampoo(
     rank: int = 128,
-    b1: Any = 0.9,
-    b2: Any = 0.98,
-    eps: Any = 1e-8,
-    precondition_frequency: Any = 10,
-    complement_scale: Any = None,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-8,
+    precondition_frequency: int = 10,
+    complement_scale: float | None = None,
     ns_steps: int = 5,
     *,
-    init_factor: Any = 0.1,
-    max_clamp: Any = 4000,
+    init_factor: float | str = 0.1,
+    max_clamp: float | None = 4000,
     restricted_side: str = "larger",
-    ns_coefficients: Any = "muon",
-    ns_dtype: Any = None,
+    ns_coefficients: str | tuple[float, float, float] = "muon",
+    ns_dtype: jax.typing.DTypeLike | None = None,
     accumulate: bool = True,
-    refresh_tolerance: Any = None,
+    refresh_tolerance: float | None = None,
     refresh_max_iters: int | None = None,
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
@@ -944,15 +949,15 @@ def scale_by_pro_kl_shampoo(
   spike-and-flat factor ``U diag(λ) Uᵀ + σ (I − UUᵀ)`` on the other (by
   default the larger side). Per step ``t ≥ 1``: momentum
   ``N ← b1 N + (1 − b1) G``; the direction ``Δ∥ + Δ⊥`` of
-  :func:`kl_optax.spike_flat_whiten` (KL whitening in the span of ``U``,
+  [`kl_optax.spike_flat_whiten`][kl_optax.pro.spike_flat_whiten] (KL whitening in the span of ``U``,
   ``κ · NS(X)`` on the complement); the statistics of
-  :func:`kl_optax.spike_flat_projection`; the dense basis refresh
+  [`kl_optax.spike_flat_projection`][kl_optax.pro.spike_flat_projection]; the dense basis refresh
   ``Q_a ← qr(S_a Q_a).Q`` every ``precondition_frequency`` steps. The first
   update initializes the statistics and returns zero.
 
   Tensors whose restricted dim is not larger than ``rank`` and tensors of
-  order three or more get the full :func:`scale_by_kl_shampoo` with the same
-  hyperparameters (see :func:`pro_labels`), so ``rank ≥ max dim`` is exactly
+  order three or more get the full [`scale_by_kl_shampoo`][kl_optax.recipes.scale_by_kl_shampoo] with the same
+  hyperparameters (see [`pro_labels`][kl_optax.routing.pro_labels]), so ``rank ≥ max dim`` is exactly
   KL-Shampoo.
 
   Args:
@@ -963,7 +968,7 @@ def scale_by_pro_kl_shampoo(
     precondition_frequency: basis and subspace refresh every this many steps.
     complement_scale: ``κ`` of the complement direction (``None``: ``√n``;
       ``"sqrt_complement"``, ``"muon"`` or a number, see
-      :func:`kl_optax.spike_flat_whiten`).
+      [`kl_optax.spike_flat_whiten`][kl_optax.pro.spike_flat_whiten]).
     ns_steps: Newton–Schulz iterations.
     init_factor: initial eigenvalue estimate.
     max_clamp: bound in the eigenvalue floors (``None``: no floors).
@@ -976,9 +981,9 @@ def scale_by_pro_kl_shampoo(
       "Adaptive basis refresh").
     refresh_max_iters: QR iterations per adaptive refresh (static).
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
-      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      per leaf ([`kl_optax.dims`][kl_optax.dims]: [`kl_optax.scanned`][kl_optax.dims.scanned], ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
-    layout: blocking and storage dtype (:class:`kl_optax.Layout`; its masks
+    layout: blocking and storage dtype ([`kl_optax.Layout`][kl_optax.options.Layout]; its masks
       must be unset: a preconditioner routes nothing).
 
   Returns:
@@ -1016,32 +1021,32 @@ def scale_by_pro_kl_shampoo(
 def pro_kl_shampoo(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
-    b1: Any = 0.9,
-    b2: Any = 0.98,
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.01,
-    precondition_frequency: Any = 10,
-    complement_scale: Any = None,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    precondition_frequency: int = 10,
+    complement_scale: float | None = None,
     ns_steps: int = 5,
     *,
-    init_factor: Any = 0.1,
-    max_clamp: Any = 4000,
+    init_factor: float | str = 0.1,
+    max_clamp: float | None = 4000,
     restricted_side: str = "larger",
-    ns_coefficients: Any = "muon",
-    ns_dtype: Any = None,
+    ns_coefficients: str | tuple[float, float, float] = "muon",
+    ns_dtype: jax.typing.DTypeLike | None = None,
     accumulate: bool = True,
-    refresh_tolerance: Any = None,
+    refresh_tolerance: float | None = None,
     refresh_max_iters: int | None = None,
     dimension_numbers: Any = None,
     layout: options.Layout | None = None,
     fallback: options.Fallback | None = None,
-    spike_threshold: Any = 10.0,
+    spike_threshold: float | None = 10.0,
     **legacy: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Pro-KLShampoo: KL-Shampoo with a spike-and-flat factor and an orthogonalized complement.
 
   Preconditioned leaves get ``−learning_rate · (U + weight_decay · W)`` with
-  ``U`` from :func:`scale_by_pro_kl_shampoo`; every other leaf gets AdamW.
+  ``U`` from [`scale_by_pro_kl_shampoo`][kl_optax.recipes.scale_by_pro_kl_shampoo]; every other leaf gets AdamW.
   Matrices whose restricted side is at most ``rank`` (and tensors of order
   three or more) get full KL-Shampoo.
 
@@ -1050,9 +1055,9 @@ def pro_kl_shampoo(
   options: ``complement_scale``, ``restricted_side``, ``accumulate``,
   ``ns_coefficients``.
 
-  The static choices are ``layout`` (:class:`kl_optax.Layout`: which leaves
+  The static choices are ``layout`` ([`kl_optax.Layout`][kl_optax.options.Layout]: which leaves
   are preconditioned, blocking, storage dtype) and ``fallback``
-  (:class:`kl_optax.Fallback`: the AdamW of every other leaf). By default
+  ([`kl_optax.Fallback`][kl_optax.options.Fallback]: the AdamW of every other leaf). By default
   every leaf with at least two dims larger than one is preconditioned, and
   scalars and vectors (biases, norm scales) go to AdamW.
 
@@ -1073,17 +1078,17 @@ def pro_kl_shampoo(
     ns_dtype: Newton–Schulz iteration dtype.
     accumulate: keep the subspace accumulator (``n × r`` per matrix).
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
-      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` (:func:`kl_optax.qr_basis_refresh`).
+      ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` ([`kl_optax.qr_basis_refresh`][kl_optax.parts.qr_basis_refresh]).
     refresh_max_iters: QR iterations per refresh, at most (``None``: 1). Static.
     dimension_numbers: batch axes (scanned layers, experts) and mode groups
-      per leaf (:mod:`kl_optax.dims`: :func:`kl_optax.scanned`, ...); the same
+      per leaf ([`kl_optax.dims`][kl_optax.dims]: [`kl_optax.scanned`][kl_optax.dims.scanned], ...); the same
       as ``Layout(dimension_numbers=...)``. Static.
-    layout: routing, blocking, storage dtype (:class:`kl_optax.Layout`).
-    fallback: the other leaves' AdamW (:class:`kl_optax.Fallback`).
+    layout: routing, blocking, storage dtype ([`kl_optax.Layout`][kl_optax.options.Layout]).
+    fallback: the other leaves' AdamW ([`kl_optax.Fallback`][kl_optax.options.Fallback]).
     spike_threshold: a leaf's gradient whose norm exceeds this many times
       its running average is scaled back to it before the optimizer sees it
-      (:func:`kl_optax.spike_guard`; ``None``: off).
-    **legacy: older keywords, see :mod:`kl_optax.options`.
+      ([`kl_optax.spike_guard`][kl_optax.safety.spike_guard]; ``None``: off).
+    **legacy: older keywords, see `kl_optax.options`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1124,7 +1129,7 @@ def pro_kl_shampoo(
 
 @dataclasses.dataclass(frozen=True)
 class RecipeSpec:
-  """One row of :data:`RECIPES`: what the tests, the benchmarks and ``__all__`` need.
+  """One row of [`RECIPES`][kl_optax.recipes.RECIPES]: what the tests, the benchmarks and ``__all__`` need.
 
   Attributes:
     name: the public name of the complete optimizer.

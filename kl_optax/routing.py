@@ -2,7 +2,7 @@
 
 The rule (``docs/math.md``, "Which tensors are preconditioned"), applied leaf by leaf
 (to each of a leaf's tensors, when its dimension numbers give it batch axes;
-:mod:`kl_optax.dims`):
+[`kl_optax.dims`][kl_optax.dims]):
 
 1. Modes are grouped as the dimension numbers say (by default each axis is
    a mode) and size-1 modes are squeezed.
@@ -84,7 +84,7 @@ def kron_labels(
       the fallback.
     max_factor_ratio: a tensor (or block) whose factors would hold more than
       this many times its own number of entries goes to the fallback.
-    dimension_numbers: batch axes and mode groups (:mod:`kl_optax.dims`); a
+    dimension_numbers: batch axes and mode groups ([`kl_optax.dims`][kl_optax.dims]); a
       leaf with batch axes is routed as one of its slices would be.
 
   Returns:
@@ -163,7 +163,7 @@ def pro_labels(tree, rank: int, restricted_side: str = "larger", *,
   more, matrices with ``rank ≥`` the restricted dim, and (with
   ``block_size``) matrices with a dim larger than ``max_precond_dim``, which are
   blocked, keep full KL-Shampoo factors. With ``dimension_numbers`` the rule
-  applies to each of a leaf's tensors (:mod:`kl_optax.dims`).
+  applies to each of a leaf's tensors ([`kl_optax.dims`][kl_optax.dims]).
 
   Examples:
     >>> import jax.numpy as jnp, kl_optax

@@ -6,16 +6,16 @@ The policy of every recipe:
   (NaN or ±Inf), or whose statistics or update would come out not finite
   (overflow), skips the step: its state keeps its previous values and its
   update is zero apart from the decoupled weight decay, which does not depend
-  on the gradient (inside :func:`~kl_optax.kron_transform`, counted per
+  on the gradient (inside [`kron_transform`][kl_optax.transform.kron_transform], counted per
   tensor);
 * in the AdamW branch, non-finite gradient entries are zeroed and magnitudes
-  capped (:func:`zero_nonfinite`, counted per leaf), so the moments stay
+  capped ([`zero_nonfinite`][kl_optax.safety.zero_nonfinite], counted per leaf), so the moments stay
   finite;
 * everything else updates as usual, so one bad tensor does not stop training;
 * gradients that do not match the state raise an error naming the leaf
-  (:func:`check_gradients`).
+  ([`check_gradients`][kl_optax.safety.check_gradients]).
 
-:func:`skip_nonfinite` is the stricter rule for any optax transformation:
+[`skip_nonfinite`][kl_optax.safety.skip_nonfinite] is the stricter rule for any optax transformation:
 leaf by leaf, a bad gradient, update or parameter-shaped state makes the
 whole leaf skip the step. It costs a few operations per leaf. To drop a whole
 step whenever any gradient is bad, wrap the optimizer in
@@ -52,7 +52,7 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`SkipNonFiniteState`.
+    [`SkipNonFiniteState`][kl_optax.state.SkipNonFiniteState].
 
   Examples:
     >>> import jax.numpy as jnp, optax, kl_optax
@@ -117,7 +117,7 @@ def zero_nonfinite(max_abs: float = 1e15) -> optax.GradientTransformation:
     max_abs: largest gradient magnitude passed on.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`ZeroNonFiniteState`.
+    An ``optax.GradientTransformation`` with state [`ZeroNonFiniteState`][kl_optax.state.ZeroNonFiniteState].
 
   Examples:
     >>> import jax.numpy as jnp, kl_optax
@@ -170,7 +170,7 @@ def spike_guard(threshold: float | None = 10.0, decay: float = 0.98,
     warmup: steps before the guard may act.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`SpikeGuardState`
+    An ``optax.GradientTransformation`` with state [`SpikeGuardState`][kl_optax.state.SpikeGuardState]
     (one entry per leaf, in ``jax.tree.leaves`` order, in three small
     vectors; ``kl_optax.spike_clips(state, params)`` names them).
 
@@ -255,7 +255,7 @@ def check_gradients(inner: optax.GradientTransformation) -> optax.GradientTransf
   """Wraps ``inner`` with a check, at trace time only, that the gradients match the state.
 
   The leaf paths are compared with the counters of the first
-  :class:`SkipNonFiniteState` in the state, and each leaf's shape with every
+  [`SkipNonFiniteState`][kl_optax.state.SkipNonFiniteState] in the state, and each leaf's shape with every
   parameter-shaped sub-tree of the state (AdamW's moments, for example). A
   mismatch raises ``ValueError`` naming the leaves. Nothing is added to the
   compiled step.

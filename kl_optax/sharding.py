@@ -1,6 +1,6 @@
 """Laying out optimizer state on a device mesh.
 
-The rule, for a :func:`~kl_optax.kron_transform` traced under
+The rule, for a [`kron_transform`][kl_optax.transform.kron_transform] traced under
 ``jax.set_mesh(mesh)``:
 
 * Each shape group's stack (factors, bases, eigenvalues, moments: every field
@@ -17,12 +17,12 @@ The rule, for a :func:`~kl_optax.kron_transform` traced under
 * Everything else in an optax state follows the parameters: moments of the
   AdamW fallback get their parameter's sharding, counters are replicated.
 
-:func:`state_shardings` returns these shardings for any optax transformation
+[`state_shardings`][kl_optax.sharding.state_shardings] returns these shardings for any optax transformation
 (for ``jit``'s ``out_shardings``, buffer donation and checkpoint restore).
 Without a mesh in context nothing is padded or constrained: parameters
 placed on several devices with ``NamedSharding`` but an ``init`` outside
 ``jax.set_mesh`` leave the Kronecker state whole on every device, and
-``init`` warns once (:func:`warn_if_sharded_without_mesh`) with the fix.
+``init`` warns once ([`warn_if_sharded_without_mesh`][kl_optax.sharding.warn_if_sharded_without_mesh]) with the fix.
 """
 
 from __future__ import annotations
@@ -207,8 +207,8 @@ def state_shardings(
   ``optax`` transforms (``chain``, ``partition``, ``masked``,
   ``inject_hyperparams``, …):
 
-  * stacked Kronecker state (:class:`~kl_optax.KronTransformState` groups) is
-    sharded along its leading axis (:func:`stack_spec`);
+  * stacked Kronecker state ([`KronTransformState`][kl_optax.state.KronTransformState] groups) is
+    sharded along its leading axis ([`stack_spec`][kl_optax.sharding.stack_spec]);
   * a sub-tree with the structure and shapes of ``params`` (AdamW moments,
     momentum buffers; masked entries allowed) gets the parameters' shardings;
   * every other leaf (counters, hyperparameters) is replicated.

@@ -2,15 +2,15 @@
 
 This module imports nothing from the rest of the package. It defines:
 
-* :class:`KronState`: the preconditioner state of one tensor (factors, bases,
+* [`KronState`][kl_optax.state.KronState]: the preconditioner state of one tensor (factors, bases,
   eigenvalue estimates and named slots);
-* :class:`TensorStep`: what flows through a sequence of parts during one step;
-* :class:`Part`: one building block (a pure ``TensorStep -> TensorStep``
+* [`TensorStep`][kl_optax.state.TensorStep]: what flows through a sequence of parts during one step;
+* [`Part`][kl_optax.state.Part]: one building block (a pure ``TensorStep -> TensorStep``
   function plus its initialization);
-* :class:`KronTransformState`: the state of :func:`kl_optax.kron_transform`,
-  one stacked :class:`KronState` per shape group;
-* :class:`SkipNonFiniteState` and :class:`ZeroNonFiniteState`: the states of
-  the non-finite guards of :mod:`kl_optax.safety`;
+* [`KronTransformState`][kl_optax.state.KronTransformState]: the state of [`kl_optax.kron_transform`][kl_optax.transform.kron_transform],
+  one stacked [`KronState`][kl_optax.state.KronState] per shape group;
+* [`SkipNonFiniteState`][kl_optax.state.SkipNonFiniteState] and [`ZeroNonFiniteState`][kl_optax.state.ZeroNonFiniteState]: the states of
+  the non-finite guards of [`kl_optax.safety`][kl_optax.safety];
 * the slot names shared between modules (``MU``, ``REFRESHES``, …), so that a
   part and the code that reads its slot never spell the name twice.
 """
@@ -67,7 +67,7 @@ SPIKE_SKETCH = "spike_sketch"  # the subspace accumulator Y, n × r
 class KronState(NamedTuple):
   """Preconditioner state of one tensor ``G`` of shape ``(d_1, …, d_K)``.
 
-  Inside :func:`kl_optax.kron_transform` every field carries an extra leading
+  Inside [`kl_optax.kron_transform`][kl_optax.transform.kron_transform] every field carries an extra leading
   axis: the stack of all preconditioned tensors that share this shape.
 
   Attributes:
@@ -100,7 +100,7 @@ class TensorStep(NamedTuple):
   """The values a part reads and returns during one step of one tensor.
 
   Attributes:
-    state: the tensor's :class:`KronState` (float32).
+    state: the tensor's [`KronState`][kl_optax.state.KronState] (float32).
     grad: this step's gradient, squeezed to the tensor's shape, float32.
     update: the running output of the sequence; starts equal to ``grad``.
     count: the step number ``t`` (int32 scalar): ``0`` on the initialization
@@ -126,7 +126,7 @@ class Part(NamedTuple):
     name: a short description, used in error messages.
     init_state: ``KronState -> KronState`` applied to the initial state after
       the slots are created (``None``: nothing). A part that keeps a mode's
-      factor in another form (:func:`kl_optax.spike_flat_projection`) uses it
+      factor in another form ([`kl_optax.spike_flat_projection`][kl_optax.pro.spike_flat_projection]) uses it
       to replace that mode's dense factor, basis and eigenvalues by one-row
       placeholders (``(1, d)``, ``(1,)``).
   """
@@ -142,12 +142,12 @@ class Part(NamedTuple):
 
 
 class KronTransformState(NamedTuple):
-  """State of :func:`kl_optax.kron_transform`.
+  """State of [`kl_optax.kron_transform`][kl_optax.transform.kron_transform].
 
   Attributes:
     count: number of updates applied so far (int32). The update with
       ``count == 0`` is the initialization step.
-    groups: one stacked :class:`KronState` per distinct tensor (block) shape,
+    groups: one stacked [`KronState`][kl_optax.state.KronState] per distinct tensor (block) shape,
       in order of first appearance among the leaves; every field has a
       leading axis over the tensors of that group. An empty tuple when no
       leaf is preconditioned. (Initialized with the leafless placeholder of
@@ -160,7 +160,7 @@ class KronTransformState(NamedTuple):
 
 
 class SkipNonFiniteState(NamedTuple):
-  """State of :func:`kl_optax.skip_nonfinite`.
+  """State of [`kl_optax.skip_nonfinite`][kl_optax.safety.skip_nonfinite].
 
   Attributes:
     skips: per leaf of the gradients, the number of steps it skipped (int32).
@@ -172,7 +172,7 @@ class SkipNonFiniteState(NamedTuple):
 
 
 class ZeroNonFiniteState(NamedTuple):
-  """State of :func:`kl_optax.zero_nonfinite`.
+  """State of [`kl_optax.zero_nonfinite`][kl_optax.safety.zero_nonfinite].
 
   Attributes:
     counts: per leaf, the number of steps in which its gradient had non-finite
@@ -183,7 +183,7 @@ class ZeroNonFiniteState(NamedTuple):
 
 
 class SpikeGuardState(NamedTuple):
-  """State of :func:`kl_optax.spike_guard`: one entry per leaf, in ``jax.tree.leaves`` order.
+  """State of [`kl_optax.spike_guard`][kl_optax.safety.spike_guard]: one entry per leaf, in ``jax.tree.leaves`` order.
 
   Attributes:
     count: gradients seen (int32).

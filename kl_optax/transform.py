@@ -1,19 +1,19 @@
 """Turning a sequence of parts into an optax transformation.
 
-:func:`kron_transform` is the one wrapper every recipe is built with. One
+[`kron_transform`][kl_optax.transform.kron_transform] is the one wrapper every recipe is built with. One
 update is a pipeline of named steps:
 
-1. :func:`kl_optax.plan_tensors` splits leaves into their tensors along their
+1. [`kl_optax.plan_tensors`][kl_optax.plan.plan_tensors] splits leaves into their tensors along their
    batch axes, groups modes, squeezes size-1 dims, cuts large dims into
    blocks and groups same-shape tensors; the state is checked against the plan;
-2. :func:`kl_optax.plan.pack` stacks the gradients per group (on a mesh:
+2. [`kl_optax.plan.pack`][kl_optax.plan.pack] stacks the gradients per group (on a mesh:
    padded, then moved to the devices that own them);
 3. the stored state is cast to the compute dtype (float32; float64 for float64 storage);
 4. one ``lax.cond`` picks the initialization step (``count == 0``:
-   :func:`_initialize_tensor`) or the regular step (:func:`_update_tensor`),
+   `_initialize_tensor`) or the regular step (`_update_tensor`),
    each run on every tensor of every group by
-   :func:`kl_optax.sharding.map_stacks` (``vmap``, per device under a mesh),
-   and each guarded against non-finite values (:func:`_guard`);
+   [`kl_optax.sharding.map_stacks`][kl_optax.sharding.map_stacks] (``vmap``, per device under a mesh),
+   and each guarded against non-finite values (`_guard`);
 5. the state is cast back to its storage dtype and the updates are unpacked
    into the gradients' shapes and dtypes.
 """
@@ -38,7 +38,7 @@ __all__ = ["kron_transform"]
 
 
 class _Config(NamedTuple):
-  """The static choices of one :func:`kron_transform`."""
+  """The static choices of one [`kron_transform`][kl_optax.transform.kron_transform]."""
 
   parts: tuple[Part, ...]
   dtype: Any
@@ -251,14 +251,14 @@ def kron_transform(
     max_precond_dim: int | None = None,
     dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Builds an optax transformation from a sequence of :class:`~kl_optax.Part`.
+  """Builds an optax transformation from a sequence of [`Part`][kl_optax.state.Part].
 
   Every leaf of the tree the transformation is applied to is preconditioned:
   size-1 dims are squeezed and what remains must have order ≥ 2 (route other
   leaves elsewhere with ``optax.partition``, as the recipes do). With
   ``dimension_numbers``, a leaf's batch axes make it a stack of tensors (one
   per scanned layer or expert), each preconditioned on its own, and its other
-  axes are grouped into modes (:mod:`kl_optax.dims`). With
+  axes are grouped into modes ([`kl_optax.dims`][kl_optax.dims]). With
   ``block_size``, dims larger than ``max_precond_dim`` are cut into blocks of
   at most ``block_size`` and every block gets its own preconditioner. Tensors
   (blocks) of the same shape are stacked and processed together: one
@@ -278,7 +278,7 @@ def kron_transform(
 
   Under ``jax.set_mesh(mesh)`` the stacks are padded to a multiple of the
   number of devices and sharded along their leading axis; each device runs
-  the parts on its share of the tensors (see :mod:`kl_optax.sharding`).
+  the parts on its share of the tensors (see [`kl_optax.sharding`][kl_optax.sharding]).
 
   Args:
     *parts: the parts, in the order they run.
@@ -291,7 +291,7 @@ def kron_transform(
     max_precond_dim: the largest dim kept whole when ``block_size`` is set
       (``None``: ``block_size``). Static.
     dimension_numbers: batch axes and mode groups, per leaf or as a rule
-      (:class:`kl_optax.DimensionNumbers`, :func:`kl_optax.scanned`, ...;
+      ([`kl_optax.DimensionNumbers`][kl_optax.dims.DimensionNumbers], [`kl_optax.scanned`][kl_optax.dims.scanned], ...;
       ``None``: each leaf is one tensor and each axis a mode). Static.
 
   Returns:

@@ -1,9 +1,9 @@
 """Pytree and leaf helpers shared by the package.
 
-Leaf names for error messages (:func:`leaf_path`), squeezed shapes, the
+Leaf names for error messages ([`leaf_path`][kl_optax.trees.leaf_path]), squeezed shapes, the
 floating-point check, masks given as trees or functions, finding states of a
-type inside an optimizer state (:func:`find_states`) and rebuilding the
-parameter-shaped sub-trees of one (:func:`map_state`). Imports nothing from the
+type inside an optimizer state ([`find_states`][kl_optax.trees.find_states]) and rebuilding the
+parameter-shaped sub-trees of one ([`map_state`][kl_optax.trees.map_state]). Imports nothing from the
 package.
 """
 

@@ -1,10 +1,10 @@
 """Checks of options and hyperparameters, in one place.
 
-:func:`check_range` checks numeric hyperparameters; only concrete values are
+[`check_range`][kl_optax.validation.check_range] checks numeric hyperparameters; only concrete values are
 checked: a traced value (a hyperparameter injected with
 ``optax.inject_hyperparams`` and read under ``jit``) passes through.
-:func:`static_int` is the one check of integer options that decide shapes or
-loop counts; :func:`check_blocking` and :func:`storage_dtype` check the
+[`static_int`][kl_optax.validation.static_int] is the one check of integer options that decide shapes or
+loop counts; [`check_blocking`][kl_optax.validation.check_blocking] and [`storage_dtype`][kl_optax.validation.storage_dtype] check the
 layout options. Imports nothing from the package.
 """
 

@@ -1,4 +1,4 @@
-"""``python -m kl_optax.benchmarks``: the benchmark suite (see :mod:`kl_optax.benchmarks.suite`)."""
+"""``python -m kl_optax.benchmarks``: the benchmark suite (see [`kl_optax.benchmarks.suite`][kl_optax.benchmarks.suite])."""
 
 from kl_optax.benchmarks.suite import main
 

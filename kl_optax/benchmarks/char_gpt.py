@@ -1,6 +1,6 @@
 """Character-GPT benchmark: learning-rate sweeps, loss, step time, compile time, memory.
 
-Usage (CPU defaults; about 25 minutes on a 2-core machine)::
+Usage (CPU defaults; about 25 minutes on a 2-core machine):
 
     python -m kl_optax.benchmarks.char_gpt --out runs/char_gpt
 

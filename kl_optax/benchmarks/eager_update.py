@@ -1,6 +1,6 @@
 """Un-jitted updates: the first call, the calls after it, and equality with the jitted update.
 
-Usage::
+Usage:
 
     python -m kl_optax.benchmarks.eager_update
 

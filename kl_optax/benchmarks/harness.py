@@ -185,7 +185,7 @@ def train(
     progress: optional ``(step, loss) -> None`` called after every step.
 
   Returns:
-    A :class:`RunResult` (its attribute ``opt_state`` holds the final optimizer
+    A [`RunResult`][kl_optax.benchmarks.harness.RunResult] (its attribute ``opt_state`` holds the final optimizer
     state). A run whose loss becomes non-finite stops early and is marked
     ``diverged``.
   """

@@ -1,6 +1,6 @@
 """The family's ordering at a longer horizon: tune short, confirm long, several seeds.
 
-Usage (about 1.5 hours on a 2-core CPU)::
+Usage (about 1.5 hours on a 2-core CPU):
 
     python -m kl_optax.benchmarks.horizon --out runs/horizon
 

@@ -5,7 +5,7 @@ Every optimizer gets the same schedule family (linear warm-up over the first
 decay; only the peak learning rate is tuned. The Kronecker recipes and Muon
 send the leaves matched by ``adam_leaves`` (regular expressions on leaf paths;
 by default the GPT's embeddings, position table and output head,
-:data:`kl_optax.benchmarks.models.ADAM_LEAVES`) to AdamW.
+[`kl_optax.models.ADAM_LEAVES`][kl_optax.models.ADAM_LEAVES]) to AdamW.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Three measurements, each against ``optax.adamw`` in the same process:
 2. **Per-device optimizer-state bytes** on meshes of 1, 2, 4 and 8 devices,
    read from the arrays' shards after ``jax.jit(tx.init, out_shardings=
    kl_optax.state_shardings(...))``. Parameters are sharded Megatron-style
-   over the mesh (:data:`kl_optax.models.PARAM_RULES`). Goal:
+   over the mesh ([`kl_optax.models.PARAM_RULES`][kl_optax.models.PARAM_RULES]). Goal:
    ``≤ 1.25 · total / devices + replicated``.
 3. **Step time** on a ``(data, model)`` mesh of all devices (eight simulated
    host devices on a CPU machine): median train step, and the refresh steps

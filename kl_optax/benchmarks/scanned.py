@@ -1,6 +1,6 @@
 """Scanned against unrolled layers: compile time and step time of the example GPT.
 
-Usage::
+Usage:
 
     python -m kl_optax.benchmarks.scanned [--layers 12] [--steps 30]
 

@@ -1,6 +1,6 @@
 """Optimizer-state bytes per parameter, measured from ``init`` and compared with the formulas.
 
-Usage::
+Usage:
 
     python -m kl_optax.benchmarks.state_memory
 

@@ -1,8 +1,8 @@
 """The benchmark suite's workloads: real data that installs offline, and one problem of known curvature.
 
 Each workload is built by a function ``(size, seed) -> Task`` registered in
-:data:`TASKS`. A :class:`Task` holds the model split for functional training
-(:class:`~kl_optax.benchmarks.harness.TrainSetup`), a training-batch stream
+[`TASKS`][kl_optax.benchmarks.tasks.TASKS]. A [`Task`][kl_optax.benchmarks.tasks.Task] holds the model split for functional training
+([`TrainSetup`][kl_optax.benchmarks.harness.TrainSetup]), a training-batch stream
 ``step -> (inputs, targets)`` drawn with the seed ``(seed, step)`` (so every
 optimizer sees the same batches in the same order), a fixed list of validation
 batches, and the leaves the Kronecker recipes and Muon send to AdamW.
@@ -46,7 +46,7 @@ class Task:
   """One workload at one size and seed.
 
   Attributes:
-    name: the workload's name in :data:`TASKS`.
+    name: the workload's name in [`TASKS`][kl_optax.benchmarks.tasks.TASKS].
     setup: the model split into graph, parameters and other state, with its loss.
     batches: ``step -> (inputs, targets)``.
     val: the fixed validation batches.
@@ -172,6 +172,7 @@ TASKS: dict[str, Callable[[str, int], Task]] = {
     "digits_cnn": digits_cnn,
     "kron_regression": kron_regression,
 }
+"""The suite's workloads by name: each maps ``(size, seed)`` to a [`Task`][kl_optax.benchmarks.tasks.Task]."""
 
 
 def make_task(name: str, size: str = "cpu", seed: int = 0) -> Task:

@@ -1,13 +1,13 @@
 """Learning-rate transfer across width: the best peak learning rate at several model widths.
 
-Usage (about 40 minutes on a 2-core CPU)::
+Usage (about 40 minutes on a 2-core CPU):
 
     python -m kl_optax.benchmarks.width --out runs/width
 
 The character GPT at widths ``--widths`` (same depth, heads, context, batch
 and steps) is trained with each optimizer over a factor-2 grid of peak
 learning rates around its tuned value on the suite's GPT, extended past an
-edge optimum (:func:`kl_optax.benchmarks.horizon.sweep`). Reported per
+edge optimum ([`kl_optax.benchmarks.horizon.sweep`][kl_optax.benchmarks.horizon.sweep]). Reported per
 optimizer: the best learning rate at each width, the ratio of the largest to
 the smallest of them (1 = perfect transfer), and the best validation loss at
 each width; plotted: validation loss against learning rate, one panel per
