@@ -149,6 +149,14 @@ def test_benchmark_suite_runs(tmp_path, capsys):
       reached = s["steps_to_target"]
       assert reached is None or 1 <= reached <= 8, reached
       assert reached == suite.steps_to_target(s["curve_steps"], s["curve_val"], s["target"])
+      # The time to it is the measured cumulative train-step time at the same crossing; the
+      # median-based estimate is kept beside it.
+      assert s["seconds_to_target"] == suite.steps_to_target(s["curve_seconds"], s["curve_val"],
+                                                             s["target"])
+      assert (s["seconds_to_target"] is None) == (reached is None)
+      assert s["p95_step_ms"] >= s["step_ms"] * 0.5 > 0
+    assert summary["adamw"]["refresh_period"] is None and summary["adamw"]["refresh_ratio"] is None
+    assert summary["kl_shampoo"]["refresh_period"] == 10
     for s in summary.values():
       assert len(s["final_val_seeds"]) == 2 and all(np.isfinite(s["final_val_seeds"]))
       assert s["curve_steps"] == [2, 4, 6, 8] and len(s["curve_seconds"]) == 4
@@ -164,7 +172,29 @@ def test_benchmark_suite_runs(tmp_path, capsys):
   assert "### digits_cnn" in md and "kl_shampoo" in md
   for name in ("digits_cnn.png", "kron_regression.png"):
     assert (tmp_path / name).stat().st_size > 0
-  assert "Summary" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "Summary" in out and "target: AdamW's final validation loss" in out
+  assert "goal" not in out and "—×" not in out
+
+
+def test_step_statistics_separate_refresh_steps():
+  from kl_optax.benchmarks import suite
+  # Steps 0 (initialization), 10 and 20 are refresh steps of a period-10 optimizer.
+  times = [5.0] + [0.01] * 9 + [0.05] + [0.01] * 9 + [0.07] + [0.02] * 9
+  s = suite.step_statistics(times, period=10)
+  assert s["refresh_ms"] == pytest.approx(60.0) and s["ordinary_ms"] == pytest.approx(10.0)
+  assert s["refresh_ratio"] == pytest.approx(6.0)
+  assert s["median_ms"] == pytest.approx(10.0)
+  assert s["p95_ms"] == pytest.approx(1e3 * np.percentile(times[1:], 95))
+  assert suite.step_statistics(times, period=None)["refresh_ratio"] is None
+
+
+def test_quick_preset_checks_its_arguments_before_writing(tmp_path):
+  from kl_optax.benchmarks import suite
+  out = tmp_path / "never"
+  with pytest.raises(SystemExit, match="no tuned learning rate"):
+    suite.main(["--workloads", "digits_cnn", "--optimizers", "adamw", "--out", str(out)])
+  assert not out.exists()
 
 
 def test_steps_to_target_interpolates_the_first_crossing():
@@ -247,7 +277,10 @@ def test_suite_quick_preset_has_every_learning_rate():
   quick = suite.PRESETS["quick"]
   for workload in quick.workloads:
     assert workload in tasks.TASKS
-    assert set(suite.QUICK_LEARNING_RATES[workload]) >= set(quick.optimizers)
+    assert set(suite.QUICK_LEARNING_RATES[workload]) >= set(quick.optimizers_for(workload))
+  # The first command of the Quickstart shows every recipe and both peers.
+  shown = {n for w in quick.workloads for n in quick.optimizers_for(w)}
+  assert shown == {"adamw", "muon", *kl_optax.RECIPES}
 
 
 def test_suite_extends_the_grid_beyond_an_edge_optimum():

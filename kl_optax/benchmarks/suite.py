@@ -1,15 +1,15 @@
 """The benchmark suite: every optimizer on every workload, under one protocol.
 
-Usage::
+Usage:
 
-    python -m kl_optax.benchmarks                    # quick: a few minutes on a CPU
+    python -m kl_optax.benchmarks                    # quick: about 2.5 minutes on a 2-core CPU
     python -m kl_optax.benchmarks --preset cpu       # full CPU protocol (40 minutes, 2 cores)
     python -m kl_optax.benchmarks --preset gpu       # larger models, for an accelerator
     python -m kl_optax.benchmarks --preset cpu --workloads digits_mlp --optimizers adamw,kl_shampoo
 
-Workloads (:mod:`kl_optax.benchmarks.tasks`): a character GPT on Shakespeare,
+Workloads ([`kl_optax.benchmarks.tasks`][kl_optax.benchmarks.tasks]): a character GPT on Shakespeare,
 an MLP and a CNN on real 8×8 handwritten digits, and stochastic Kronecker
-regression. Optimizers (:mod:`kl_optax.benchmarks.optimizers`): ``optax.adamw``,
+regression. Optimizers ([`kl_optax.benchmarks.optimizers`][kl_optax.benchmarks.optimizers]): ``optax.adamw``,
 ``optax.contrib.muon`` and every recipe of the package.
 
 Protocol (the conventions of Shampoo-family papers and peer libraries): every
@@ -30,7 +30,9 @@ per optimizer, against ``optax.adamw`` measured in the same process:
   optimizer update's FLOPs (XLA's cost analysis).
 
 The ``quick`` preset skips the sweep: it runs each optimizer once at the best
-learning rate that the ``cpu`` preset found (:data:`QUICK_LEARNING_RATES`).
+learning rate that the ``cpu`` preset found ([`QUICK_LEARNING_RATES`][kl_optax.benchmarks.suite.QUICK_LEARNING_RATES]),
+every optimizer on the digits MLP and AdamW, Muon and KL-Shampoo on the character
+GPT, and does not time the optimizer update on its own.
 
 Outputs in ``--out``: ``results.json`` (every run), ``results.md`` (tables),
 and per workload ``<workload>.png`` (validation loss against steps and
@@ -92,13 +94,22 @@ class Preset:
   steps: int
   seeds: int
   sweep: bool
+  timing_calls: int = 30
+  # Per workload, the optimizers when they differ from ``optimizers``.
+  per_workload: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+  def optimizers_for(self, workload: str) -> tuple[str, ...]:
+    return dict(self.per_workload).get(workload, self.optimizers)
 
 
 ALL_OPTIMIZERS = ("adamw", "muon", *kl_optax.RECIPES)
 
 PRESETS = {
-    "quick": Preset("cpu", ("char_gpt", "digits_mlp", "kron_regression"),
-                    ("adamw", "muon", "kl_shampoo", "soap"), 300, 1, False),
+    # About 2.5 minutes on a 2-core CPU: every optimizer on the digits MLP; AdamW, Muon and
+    # KL-Shampoo on the character GPT (its Kronecker train steps take ~10 s each to compile).
+    "quick": Preset("cpu", ("digits_mlp", "char_gpt"), ALL_OPTIMIZERS, 300, 1, False,
+                    timing_calls=0,
+                    per_workload=(("char_gpt", ("adamw", "muon", "kl_shampoo")),)),
     "cpu": Preset("cpu", tuple(tasks.TASKS), ALL_OPTIMIZERS, 300, 3, True),
     "gpu": Preset("gpu", tuple(tasks.TASKS), ALL_OPTIMIZERS, 2000, 3, True),
     "tiny": Preset("tiny", tuple(tasks.TASKS), ALL_OPTIMIZERS, 8, 2, True),
@@ -137,7 +148,9 @@ def _parse(argv):
   p.add_argument("--max-extend", type=int, default=2,
                  help="grid points added beyond an edge optimum (default 2)")
   p.add_argument("--evals", type=int, default=20, help="validation evaluations per run")
-  p.add_argument("--timing-calls", type=int, default=30)
+  p.add_argument("--timing-calls", type=int, default=None,
+                 help="calls of the optimizer update timed on its own, after compiling it "
+                      "separately (0: skip; default 30, 0 for the quick preset)")
   p.add_argument("--kl-init-factor", type=_init_factor, default=None,
                  help="init_factor of kl_shampoo, kl_soap and pro_kl_shampoo: a number or a rule "
                       "name. Default: each recipe's own start where it is a rule (kl_shampoo: "
@@ -197,10 +210,13 @@ class _Runner:
       self._tasks[seed] = tasks.make_task(self.workload, self.size, seed)
     return self._tasks[seed]
 
-  def optimizer(self, name: str, lr: float, seed: int = 0):
+  def optimizer_kwargs(self, name: str, seed: int = 0) -> tuple[str, dict]:
     base, kwargs = harness.parse_variant(name)
+    return base, {**self.task(seed).optimizer_kwargs.get(base, {}), **kwargs}
+
+  def optimizer(self, name: str, lr: float, seed: int = 0):
+    base, kwargs = self.optimizer_kwargs(name, seed)
     task = self.task(seed)
-    kwargs = {**task.optimizer_kwargs.get(base, {}), **kwargs}
     if base in KL_RECIPES:
       start = self.kl_init_factor if self.kl_init_factor is not None else _default_start(base)
       if start is not None:
@@ -214,13 +230,14 @@ class _Runner:
     self.bar.set_description(f"{self.workload} {name} lr={lr:.3g} seed={seed}")
 
     def progress(step, loss):
+      self.bar.update(1)
       if step % 25 == 0:
-        self.bar.set_postfix(step=step, loss=f"{loss:.3f}")
+        self.bar.set_postfix(loss=f"{loss:.3f}")
 
     run = harness.train(task.setup, self.optimizer(name, lr, seed), task.batches, task.val,
                         self.steps, name=name, learning_rate=lr, eval_every=self.eval_every,
                         progress=progress)
-    self.bar.update(1)
+    self.bar.update(self.steps - len(run.step_seconds))  # a diverged run stops early
     out = run.to_json()
     out["seed"] = seed
     return out
@@ -238,7 +255,7 @@ def _sweep(runner: _Runner, name: str, grid: list[float], max_extend: int) -> li
     if nxt is None or extensions >= max_extend or all(math.isinf(f) for f in finals):
       return [results[lr] for lr in grid]
     grid = sorted(grid + [nxt])
-    runner.bar.total += 1
+    runner.bar.total += runner.steps
     runner.bar.refresh()
     extensions += 1
 
@@ -249,6 +266,47 @@ def _mean_curve(runs: list[dict]) -> tuple[list[int], list[float]]:
     return [], []
   steps = ok[0]["eval_steps"]
   return steps, [float(np.mean([r["val_loss"][i] for r in ok])) for i in range(len(steps))]
+
+
+def refresh_period(name: str, kwargs: dict | None = None) -> int | None:
+  """How often the optimizer ``name`` refreshes its bases (``None``: it never does).
+
+  >>> refresh_period("kl_shampoo"), refresh_period("soap", {"precondition_frequency": 5})
+  (10, 5)
+  >>> refresh_period("adamw") is None
+  True
+  """
+  if name not in kl_optax.RECIPES:
+    return None
+  if kwargs and "precondition_frequency" in kwargs:
+    return int(kwargs["precondition_frequency"])
+  params = inspect.signature(kl_optax.RECIPES[name].constructor).parameters
+  return int(params["precondition_frequency"].default)
+
+
+def step_statistics(step_seconds: list[float], period: int | None) -> dict:
+  """Median and 95th-percentile step time, and refresh steps against the others.
+
+  The first step (the initialization, with its decompositions) is left out. With
+  a refresh ``period``, steps ``t`` (0-based, as the optimizer counts its updates)
+  with ``t mod period == 0`` are refresh steps; ``refresh_ratio`` is their median
+  time over the median of the other steps.
+
+  >>> s = step_statistics([9.0] + [1.0] * 9 + [4.0] + [1.0] * 9, period=10)
+  >>> s["refresh_ratio"], s["median_ms"]
+  (4.0, 1000.0)
+  """
+  times = np.asarray(step_seconds[1:], dtype=float)
+  out = {"median_ms": float(1e3 * np.median(times)) if times.size else math.nan,
+         "p95_ms": float(1e3 * np.percentile(times, 95)) if times.size else math.nan,
+         "refresh_ms": None, "ordinary_ms": None, "refresh_ratio": None}
+  if period and times.size > period:
+    t = np.arange(1, len(step_seconds))
+    refresh, ordinary = times[t % period == 0], times[t % period != 0]
+    out.update(refresh_ms=float(1e3 * np.median(refresh)),
+               ordinary_ms=float(1e3 * np.median(ordinary)))
+    out["refresh_ratio"] = out["refresh_ms"] / out["ordinary_ms"]
+  return out
 
 
 def _wallclock(run: dict) -> list[float]:
@@ -265,10 +323,19 @@ def _summarize(runner: _Runner, name: str, sweep: list[dict], seeds: list[dict],
   finals = [r["final_val"] if not r["diverged"] else math.nan for r in runs]
   lr = best["learning_rate"]
   task = runner.task(0)
-  upd, flops = harness.update_cost(runner.optimizer(name, lr), task.setup, task.batches(0),
-                                   timing_calls)
+  if timing_calls > 0:
+    upd, flops = harness.update_cost(runner.optimizer(name, lr), task.setup, task.batches(0),
+                                     timing_calls)
+  else:  # not measured (the quick preset saves the update's second compilation)
+    upd, flops = math.nan, math.nan
   lrs = [r["learning_rate"] for r in sweep]
   curve_steps, curve_val = _mean_curve(runs)
+  base, kwargs = runner.optimizer_kwargs(name)
+  period = refresh_period(base, kwargs)
+  per_run = [step_statistics(r["step_seconds"], period) for r in runs if not r["diverged"]] or [
+      step_statistics(runs[0]["step_seconds"], period)]
+  pooled = lambda key: (None if per_run[0][key] is None
+                        else statistics.median(p[key] for p in per_run))
   return {
       "best_lr": lr,
       "edge_optimum": len(sweep) > 1 and lr in (min(lrs), max(lrs)),
@@ -277,6 +344,10 @@ def _summarize(runner: _Runner, name: str, sweep: list[dict], seeds: list[dict],
       "final_val_seeds": finals,
       "diverged_seeds": sum(r["diverged"] for r in runs),
       "step_ms": 1e3 * statistics.median(r["median_step"] for r in runs),
+      "p95_step_ms": pooled("p95_ms"),
+      "refresh_period": period,
+      "refresh_step_ms": pooled("refresh_ms"),
+      "refresh_ratio": pooled("refresh_ratio"),
       "update_ms": 1e3 * upd,
       "update_mflops": flops / 1e6,
       "compile_s": statistics.median(r["compile_seconds"] for r in runs),
@@ -304,7 +375,10 @@ def _relative(summary: dict) -> None:
     s["target"] = target
     reached = steps_to_target(s["curve_steps"], s["curve_val"], target)
     s["steps_to_target"] = reached
-    s["seconds_to_target"] = None if reached is None else reached * s["step_ms"] / 1e3
+    # Measured: the seed-mean cumulative train-step time, interpolated on the same curve.
+    s["seconds_to_target"] = steps_to_target(s["curve_seconds"], s["curve_val"], target)
+    # An estimate beside it: steps × the median step time (hides slow refresh steps).
+    s["seconds_to_target_median"] = None if reached is None else reached * s["step_ms"] / 1e3
   base_steps, base_seconds = base["steps_to_target"], base["seconds_to_target"]
   for s in summary.values():
     s["steps_to_target_vs_adamw"] = (s["steps_to_target"] / base_steps
@@ -319,6 +393,11 @@ def _fmt(value, spec=".2f", missing="—"):
   return format(value, spec)
 
 
+def _with_unit(value, unit: str, missing: str = "—", spec: str = ".2f") -> str:
+  text = _fmt(value, spec, missing)
+  return text if text == missing else text + unit
+
+
 def markdown(report: dict) -> str:
   """The results as Markdown: one table per workload, then the sweeps."""
   lines = [f"Device: {report['device']}; JAX {report['jax']}; preset `{report['preset']}`; "
@@ -327,9 +406,10 @@ def markdown(report: dict) -> str:
   for workload, w in report["workloads"].items():
     lines += [f"### {workload}", "", w["description"] + ".", "",
               "| optimizer | peak lr | val loss | steps to AdamW's loss (× AdamW) "
-              "| time to it (× AdamW) | step ms (× AdamW) | update ms (× AdamW) "
+              "| time to it, measured (× AdamW) | steps × median step | step ms (× AdamW) "
+              "| p95 step ms | refresh / ordinary step | update ms (× AdamW) "
               "| compile s (× AdamW) | update MFLOPs | state B/param | peak MiB (× AdamW) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in w["summary"].items():
       val = _fmt(s["final_val"], ".4f")
       if len(s["final_val_seeds"]) > 1:
@@ -340,8 +420,11 @@ def markdown(report: dict) -> str:
           f"| {name} | {s['best_lr']:.3g}{' (edge)' if s['edge_optimum'] else ''} | {val} "
           f"| {_fmt(s.get('steps_to_target'), '.0f', 'not reached')} "
           f"({_fmt(s.get('steps_to_target_vs_adamw'))}) "
-          f"| {_fmt(s.get('seconds_to_target'), '.2f', '—')} s ({_fmt(s.get('seconds_to_target_vs_adamw'))}) "
+          f"| {_with_unit(s.get('seconds_to_target'), ' s', 'not reached')} "
+          f"({_fmt(s.get('seconds_to_target_vs_adamw'))}) "
+          f"| {_with_unit(s.get('seconds_to_target_median'), ' s')} "
           f"| {s['step_ms']:.2f} ({_fmt(s.get('step_ms_vs_adamw'))}) "
+          f"| {_fmt(s.get('p95_step_ms'), '.2f')} | {_fmt(s.get('refresh_ratio'), '.1f')} "
           f"| {s['update_ms']:.3f} ({_fmt(s.get('update_ms_vs_adamw'))}) "
           f"| {s['compile_s']:.2f} ({_fmt(s.get('compile_s_vs_adamw'))}) "
           f"| {_fmt(s['update_mflops'], '.2f')} | {s['state_bytes_per_param']:.2f} "
@@ -413,24 +496,42 @@ def plot(path: str, workload: str, w: dict) -> None:
   plt.close(fig)
 
 
-def _print_summary(report: dict) -> None:
-  print("\nSummary (validation loss, seed mean; steps to AdamW's final loss as a ratio to AdamW's):")
+def summary_lines(report: dict) -> list[str]:
+  """A short plain-text table per workload: what a first run should show."""
+  lines = []
   for workload, w in report["workloads"].items():
     summary = w["summary"]
+    target = summary.get("adamw", {}).get("final_val")
+    lines += ["", f"{workload}: {w['description']}"]
+    if target is not None:
+      lines.append(f"  target: AdamW's final validation loss, {target:.4f}")
+    header = (f"  {'optimizer':<16s} {'val loss':>9s} {'steps to target':>16s} "
+              f"{'time to target':>15s} {'step time':>10s} {'state':>12s}")
+    lines += [header, "  " + "-" * (len(header) - 2)]
     ranked = sorted(summary.items(), key=lambda kv: (math.isnan(kv[1]["final_val"]),
                                                       kv[1]["final_val"]))
-    print(f"  {workload}: " + ", ".join(
-        f"{n} {s['final_val']:.4f}" + (f" ({_fmt(s.get('steps_to_target_vs_adamw'))}× steps, "
-                                       f"{_fmt(s.get('step_ms_vs_adamw'))}× step time)"
-                                       if n != "adamw" and "adamw" in summary else "")
-        for n, s in ranked))
-    if "kl_shampoo" in summary and "adamw" in summary:
-      kl = summary["kl_shampoo"]
-      others = [n for n in ("adamw", "soap") if n in summary]
-      verdict = ", ".join(f"{'below' if kl['final_val'] < summary[n]['final_val'] else 'not below'} {n}"
-                          for n in others)
-      print(f"    kl_shampoo: validation loss {verdict}; steps to AdamW's loss "
-            f"{_fmt(kl.get('steps_to_target_vs_adamw'))}× AdamW's (goal ≤ 0.80)")
+    for name, s in ranked:
+      reached = s.get("steps_to_target")
+      steps = "not reached" if reached is None else f"{reached:.0f}"
+      seconds = _with_unit(s.get("seconds_to_target"), " s", "not reached", ".1f")
+      if name != "adamw" and target is not None:
+        if reached is not None:
+          steps += f" ({_fmt(s.get('steps_to_target_vs_adamw'))}×)"
+        if s.get("seconds_to_target") is not None:
+          seconds += f" ({_fmt(s.get('seconds_to_target_vs_adamw'))}×)"
+      ratio = "" if target is None else f"{_fmt(s.get('step_ms_vs_adamw'))}×"
+      lines.append(f"  {name:<16s} {_fmt(s['final_val'], '.4f'):>9s} {steps:>16s} {seconds:>15s} "
+                   f"{ratio:>10s} {s['state_bytes_per_param']:>6.1f} B/par")
+  if any("adamw" in w["summary"] for w in report["workloads"].values()):
+    lines += ["", "Steps and time to target: when the optimizer's seed-mean validation curve first "
+              "reaches AdamW's final loss (time: measured train-step wall-clock); step time: "
+              "median train step as a multiple of AdamW's; state: optimizer-state bytes per "
+              "parameter."]
+  return lines
+
+
+def _print_summary(report: dict) -> None:
+  print("\n".join(["", "Summary (validation loss: mean over seeds)"] + summary_lines(report)))
 
 
 def main(argv=None) -> dict:
@@ -442,16 +543,24 @@ def main(argv=None) -> dict:
     return report
   preset = PRESETS[args.preset]
   workloads = args.workloads.split(",") if args.workloads else list(preset.workloads)
-  names = args.optimizers.split(",") if args.optimizers else list(preset.optimizers)
   for w in workloads:
     if w not in tasks.TASKS:
       raise SystemExit(f"unknown workload {w!r}; known: {sorted(tasks.TASKS)}")
-  for n in names:
-    if harness.parse_variant(n)[0] not in OPTIMIZERS:
-      raise SystemExit(f"unknown optimizer {harness.parse_variant(n)[0]!r}; known: {sorted(OPTIMIZERS)}")
-  if "adamw" in names:  # AdamW first: it sets the target
-    names = ["adamw"] + [n for n in names if n != "adamw"]
+
+  def optimizers_for(workload):
+    names = (args.optimizers.split(",") if args.optimizers
+             else list(preset.optimizers_for(workload)))
+    for n in names:
+      if harness.parse_variant(n)[0] not in OPTIMIZERS:
+        raise SystemExit(f"unknown optimizer {harness.parse_variant(n)[0]!r}; "
+                         f"known: {sorted(OPTIMIZERS)}")
+    if "adamw" in names:  # AdamW first: it sets the target
+      names = ["adamw"] + [n for n in names if n != "adamw"]
+    return names
+
+  names_by_workload = {w: optimizers_for(w) for w in workloads}
   steps = args.steps or preset.steps
+  timing_calls = args.timing_calls if args.timing_calls is not None else preset.timing_calls
   seeds = args.seeds or preset.seeds
   lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else None
   sweep = preset.sweep or lrs is not None
@@ -467,13 +576,14 @@ def main(argv=None) -> dict:
       raise SystemExit(f"the quick preset has no tuned learning rate for {name!r} on {workload!r}; "
                        "pass --lrs or --preset cpu") from None
 
+  grids = {(w, n): grid(w, n) for w in workloads for n in names_by_workload[w]}  # checks first
   os.makedirs(args.out, exist_ok=True)
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPU cores); JAX {jax.__version__}; preset {args.preset}: "
-        f"{len(workloads)} workload(s) × {len(names)} optimizer(s), {steps} steps, {seeds} seed(s)",
+        f"{len(grids)} optimizer–workload pairs, {steps} steps per run, {seeds} seed(s)",
         flush=True)
-  total = sum(len(grid(w, n)) + seeds - 1 for w in workloads for n in names)
+  total = steps * sum(len(g) + seeds - 1 for g in grids.values())
   report = {
       "command": "python -m kl_optax.benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
       "device": device.device_kind, "platform": device.platform, "cpu_count": os.cpu_count(),
@@ -481,16 +591,17 @@ def main(argv=None) -> dict:
       "steps": steps, "seeds": seeds, "kl_init_factor": args.kl_init_factor, "workloads": {},
   }
   t_start = time.perf_counter()
-  with tqdm(total=total, unit="run", disable=args.no_progress, dynamic_ncols=True) as bar:
+  with tqdm(total=total, unit="step", disable=args.no_progress, dynamic_ncols=True,
+            smoothing=0.05) as bar:
     for workload in workloads:
       runner = _Runner(workload, preset.size, steps, args.evals, bar, args.kl_init_factor)
       summary, runs = {}, {}
-      for name in names:
-        sweep_runs = _sweep(runner, name, grid(workload, name), args.max_extend)
+      for name in names_by_workload[workload]:
+        sweep_runs = _sweep(runner, name, grids[workload, name], args.max_extend)
         valid = [r for r in sweep_runs if not r["diverged"]] or sweep_runs
         best_lr = min(valid, key=lambda r: r["final_val"])["learning_rate"]
         seed_runs = [runner.run(name, best_lr, seed) for seed in range(1, seeds)]
-        summary[name] = _summarize(runner, name, sweep_runs, seed_runs, args.timing_calls)
+        summary[name] = _summarize(runner, name, sweep_runs, seed_runs, timing_calls)
         runs[name] = sweep_runs + seed_runs
         tqdm.write(f"{workload:>16s} {name:>16s}: lr {best_lr:<8.3g} val "
                    f"{summary[name]['final_val']:.4f}  step {summary[name]['step_ms']:.2f} ms",
