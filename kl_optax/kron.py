@@ -6,9 +6,13 @@ Kronecker-factored optimizer is made of: mode products, projection into a
 Kronecker eigenbasis and back, mode-wise Gram matrices and the symmetric
 eigendecomposition / QR used to maintain the bases.
 
-All matrix products run at ``precision=HIGHEST``: on TPU and GPU the default
-matmul precision rounds operands to bfloat16 (or TF32), which is enough to make
-eigenbases of the factors jump from one refresh to the next.
+The products of [`mode_product`][kl_optax.kron.mode_product] and [`mode_gram`][kl_optax.kron.mode_gram] (the
+projections, whitening and factor statistics) follow the settings of
+[`matmul_settings`][kl_optax.kron.matmul_settings]: by default float32 operands at
+``precision=HIGHEST`` (on TPU and GPU the default matmul precision rounds operands
+to bfloat16 or TF32); inside ``matmul_settings(jnp.bfloat16)`` bfloat16 operands
+with float32 accumulation. The decompositions and the products that feed them
+(the power step of a basis refresh) always run in float32 at ``HIGHEST``.
 
 Every function here acts on a single tensor; batches of same-shape tensors are
 handled by ``jax.vmap`` around them.
@@ -16,7 +20,10 @@ handled by ``jax.vmap`` around them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +33,12 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 __all__ = [
     "HIGHEST",
+    "MATMUL_PRECISIONS",
+    "MatmulSettings",
+    "current_matmul_settings",
     "eigh_descending",
+    "matmul",
+    "matmul_settings",
     "mode_gram",
     "mode_product",
     "other_modes_product",
@@ -36,6 +48,107 @@ __all__ = [
     "qr_orthonormal",
     "qr_power_step",
 ]
+
+
+MATMUL_PRECISIONS = {
+    "highest": jax.lax.Precision.HIGHEST,
+    "high": jax.lax.Precision.HIGH,
+    "default": jax.lax.Precision.DEFAULT,
+}
+"""Names of ``matmul_precision`` for float32 operands: ``"highest"`` (full float32),
+``"high"`` (TF32 on NVIDIA GPUs, three bfloat16 passes on TPU), ``"default"`` (the
+backend's fastest: one bfloat16 pass on TPU, TF32 on NVIDIA GPUs). A CPU computes
+float32 products in full float32 whatever the name."""
+
+
+class MatmulSettings(NamedTuple):
+  """How the mode products and Gram matrices compute (see [`matmul_settings`][kl_optax.kron.matmul_settings])."""
+
+  compute_dtype: jnp.dtype | None
+  precision: jax.lax.Precision
+
+
+_DEFAULT_SETTINGS = MatmulSettings(None, HIGHEST)
+_SETTINGS: contextvars.ContextVar[MatmulSettings] = contextvars.ContextVar(
+    "kl_optax_matmul_settings", default=_DEFAULT_SETTINGS)
+
+
+def check_matmul_settings(compute_dtype, matmul_precision) -> MatmulSettings:
+  """Validates ``compute_dtype`` / ``matmul_precision`` and returns the settings.
+
+  Raises:
+    ValueError: naming the argument, for a dtype that is not bfloat16/float16/float32
+      or a precision name not in ``MATMUL_PRECISIONS``.
+  """
+  dtype = None
+  if compute_dtype is not None:
+    try:
+      dtype = jnp.dtype(compute_dtype)
+    except TypeError as error:
+      raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype!r}") from error
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+      raise ValueError(f"compute_dtype must be bfloat16, float16 or float32 (None: the "
+                       f"state's dtype), got {dtype}")
+    if dtype == jnp.float32:
+      dtype = None
+  name = "highest" if matmul_precision is None else matmul_precision
+  if name not in MATMUL_PRECISIONS:
+    raise ValueError(f"matmul_precision must be one of {sorted(MATMUL_PRECISIONS)} or None, "
+                     f"got {matmul_precision!r}")
+  return MatmulSettings(dtype, MATMUL_PRECISIONS[name])
+
+
+@contextlib.contextmanager
+def matmul_settings(compute_dtype: jax.typing.DTypeLike | None = None,
+                    matmul_precision: str | None = None) -> Iterator[MatmulSettings]:
+  """Sets how the mode products and Gram matrices traced inside the block compute.
+
+  Args:
+    compute_dtype: ``None`` (or float32): operands keep their dtype (float32);
+      ``jnp.bfloat16`` (or ``jnp.float16``): operands are rounded to it and the
+      products accumulate and return in the operands' original dtype.
+    matmul_precision: for float32 operands, a name of ``MATMUL_PRECISIONS``
+      (``None``: ``"highest"``).
+
+  Yields:
+    The settings in force.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from kl_optax import kron
+    >>> x = jnp.full((2, 3), 1 + 2 ** -10)
+    >>> with kron.matmul_settings(jnp.bfloat16):
+    ...   g = kron.mode_gram(x, 0)
+    >>> float(g[0, 0]), g.dtype   # the operands were rounded to bfloat16 (1 + 2^-10 -> 1)
+    (3.0, dtype('float32'))
+    >>> float(kron.mode_gram(x, 0)[0, 0]) > 3.0
+    True
+  """
+  token = _SETTINGS.set(check_matmul_settings(compute_dtype, matmul_precision))
+  try:
+    yield _SETTINGS.get()
+  finally:
+    _SETTINGS.reset(token)
+
+
+def current_matmul_settings() -> MatmulSettings:
+  """The settings of the innermost [`matmul_settings`][kl_optax.kron.matmul_settings] block (or the defaults)."""
+  return _SETTINGS.get()
+
+
+def _tensordot(a: jax.Array, b: jax.Array, axes) -> jax.Array:
+  settings = _SETTINGS.get()
+  out_dtype = jnp.result_type(a, b)
+  if settings.compute_dtype is not None and jnp.issubdtype(out_dtype, jnp.floating) and (
+      jnp.finfo(out_dtype).bits > jnp.finfo(settings.compute_dtype).bits):
+    return jnp.tensordot(a.astype(settings.compute_dtype), b.astype(settings.compute_dtype),
+                         axes=axes, preferred_element_type=out_dtype)
+  return jnp.tensordot(a, b, axes=axes, precision=settings.precision)
+
+
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a @ b`` for matrices, under the current [`matmul_settings`][kl_optax.kron.matmul_settings]."""
+  return _tensordot(a, b, axes=((a.ndim - 1,), (0,)))
 
 
 def mode_product(x: jax.Array, a: jax.Array, mode: int) -> jax.Array:
@@ -61,7 +174,7 @@ def mode_product(x: jax.Array, a: jax.Array, mode: int) -> jax.Array:
     >>> bool(jnp.allclose(kron.mode_product(x, a, 1), x))
     True
   """
-  y = jnp.tensordot(a, x, axes=((1,), (mode,)), precision=HIGHEST)
+  y = _tensordot(a, x, axes=((1,), (mode,)))
   return jnp.moveaxis(y, 0, mode)
 
 
@@ -104,7 +217,7 @@ def mode_gram(x: jax.Array, mode: int, y: jax.Array | None = None) -> jax.Array:
   """
   y = x if y is None else y
   others = tuple(i for i in range(x.ndim) if i != mode)
-  return jnp.tensordot(x, y, axes=(others, others), precision=HIGHEST)
+  return _tensordot(x, y, axes=(others, others))
 
 
 def outer_product(vectors: Sequence[jax.Array]) -> jax.Array:

@@ -32,6 +32,7 @@ import jax
 import math
 
 from kl_optax import dims
+from kl_optax import kron
 from kl_optax import plan as plan_lib
 from kl_optax import routing
 from kl_optax import trees
@@ -105,6 +106,12 @@ class Layout:
       returning one, or a rule such as ``kl_optax.scanned('blocks')``. A
       leaf with batch axes is routed and preconditioned slice by slice,
       exactly as its unstacked slices would be.
+    compute_dtype: operand dtype of the preconditioner's mode products and
+      Gram matrices (``None``: float32; ``jnp.bfloat16``: bfloat16 operands,
+      float32 accumulation; decompositions and eigenvalue estimates stay
+      float32). See ``kl_optax.kron_transform``.
+    matmul_precision: ``"highest"`` (``None``), ``"high"`` or ``"default"``
+      for float32 operands on accelerators.
 
   Examples:
     >>> import jax.numpy as jnp, kl_optax
@@ -121,6 +128,8 @@ class Layout:
   block_size: int | None = None
   state_dtype: jax.typing.DTypeLike | None = None
   dimension_numbers: Any = None
+  compute_dtype: jax.typing.DTypeLike | None = None
+  matmul_precision: str | None = None
 
   def __post_init__(self):
     block_size, max_dim = validation.check_blocking(
@@ -129,6 +138,7 @@ class Layout:
     object.__setattr__(self, "block_size", block_size)
     object.__setattr__(self, "max_precond_dim", max_dim)
     validation.storage_dtype(self.state_dtype)
+    kron.check_matmul_settings(self.compute_dtype, self.matmul_precision)
     _check_mask("precondition_mask", self.precondition_mask)
     _check_mask("weight_decay_mask", self.weight_decay_mask)
     _check_dimension_numbers(self.dimension_numbers)
@@ -143,7 +153,8 @@ class Layout:
     """The keywords of ``kl_optax.kron_transform`` this layout sets."""
     return dict(state_dtype=self.state_dtype, block_size=self.block_size,
                 max_precond_dim=self.max_precond_dim,
-                dimension_numbers=self.dimension_numbers)
+                dimension_numbers=self.dimension_numbers,
+                compute_dtype=self.compute_dtype, matmul_precision=self.matmul_precision)
 
   def without_masks(self) -> Layout:
     """The same layout for a preconditioner, which routes nothing."""

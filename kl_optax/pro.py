@@ -71,6 +71,9 @@ def _f32(x: Any) -> jax.Array:
 
 
 def _mm(a, b):
+  # The spike-and-flat products follow kron.matmul_settings (float32 at HIGHEST by default).
+  if a.ndim == 2 and b.ndim == 2:
+    return kron.matmul(a, b)
   return jnp.matmul(a, b, precision=_HI)
 
 

@@ -141,8 +141,8 @@ def scale_by_kl_shampoo(
     True
 
   References:
-    Lin et al., `Understanding and Improving Shampoo and SOAP via
-    Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
+    Lin et al., [Understanding and Improving Shampoo and SOAP via
+    Kullback-Leibler Minimization](https://arxiv.org/abs/2509.03378), 2025.
   """
   layout, _ = options.resolve("scale_by_kl_shampoo", layout, None, legacy,
                                  dimension_numbers=dimension_numbers, takes_fallback=False)
@@ -327,8 +327,8 @@ def kl_shampoo(
     True
 
   References:
-    Lin et al., `Understanding and Improving Shampoo and SOAP via
-    Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
+    Lin et al., [Understanding and Improving Shampoo and SOAP via
+    Kullback-Leibler Minimization](https://arxiv.org/abs/2509.03378), 2025.
   """
   layout, fallback = options.resolve("kl_shampoo", layout, fallback, legacy,
                                  dimension_numbers=dimension_numbers)
@@ -414,8 +414,8 @@ def scale_by_kl_soap(
     0.0
 
   References:
-    Lin et al., `Understanding and Improving Shampoo and SOAP via
-    Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
+    Lin et al., [Understanding and Improving Shampoo and SOAP via
+    Kullback-Leibler Minimization](https://arxiv.org/abs/2509.03378), 2025.
   """
   layout, _ = options.resolve("scale_by_kl_soap", layout, None, legacy,
                                  dimension_numbers=dimension_numbers, takes_fallback=False)
@@ -501,8 +501,8 @@ def kl_soap(
     {'b': 'adam', 'w': 'kron'}
 
   References:
-    Lin et al., `Understanding and Improving Shampoo and SOAP via
-    Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025.
+    Lin et al., [Understanding and Improving Shampoo and SOAP via
+    Kullback-Leibler Minimization](https://arxiv.org/abs/2509.03378), 2025.
   """
   layout, fallback = options.resolve("kl_soap", layout, fallback, legacy,
                                  dimension_numbers=dimension_numbers)
@@ -570,8 +570,7 @@ def scale_by_soap(
     ['mu_eig', 'nonfinite_skips', 'nu_eig', 'refresh_failures', 'refreshes']
 
   References:
-    Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
-    <https://arxiv.org/abs/2409.11321>`_, 2024.
+    Vyas et al., [SOAP: Improving and Stabilizing Shampoo using Adam](https://arxiv.org/abs/2409.11321), 2024.
   """
   layout, _ = options.resolve("scale_by_soap", layout, None, legacy,
                                  dimension_numbers=dimension_numbers, takes_fallback=False)
@@ -643,8 +642,7 @@ def soap(
     >>> state = tx.init({'w': jnp.zeros((8, 4))})
 
   References:
-    Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
-    <https://arxiv.org/abs/2409.11321>`_, 2024.
+    Vyas et al., [SOAP: Improving and Stabilizing Shampoo using Adam](https://arxiv.org/abs/2409.11321), 2024.
   """
   layout, fallback = options.resolve("soap", layout, fallback, legacy,
                                  dimension_numbers=dimension_numbers)
@@ -705,8 +703,8 @@ def scale_by_shampoo(
     >>> state = tx.init(jnp.zeros((3, 4)))
 
   References:
-    Gupta, Koren, Singer, `Shampoo: Preconditioned Stochastic Tensor
-    Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
+    Gupta, Koren, Singer, [Shampoo: Preconditioned Stochastic Tensor
+    Optimization](https://arxiv.org/abs/1802.09568), 2018.
   """
   layout, _ = options.resolve("scale_by_shampoo", layout, None, legacy,
                                  dimension_numbers=dimension_numbers, takes_fallback=False)
@@ -778,8 +776,8 @@ def shampoo(
     >>> state = tx.init({'w': jnp.zeros((8, 4))})
 
   References:
-    Gupta, Koren, Singer, `Shampoo: Preconditioned Stochastic Tensor
-    Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
+    Gupta, Koren, Singer, [Shampoo: Preconditioned Stochastic Tensor
+    Optimization](https://arxiv.org/abs/1802.09568), 2018.
   """
   layout, fallback = options.resolve("shampoo", layout, fallback, legacy,
                                  dimension_numbers=dimension_numbers)
@@ -837,8 +835,8 @@ def scale_by_eshampoo(
     >>> state = tx.init(jnp.zeros((3, 4)))
 
   References:
-    Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics
-    by Decomposing its Preconditioner <https://arxiv.org/abs/2506.03595>`_, 2025.
+    Eschenhagen et al., [Purifying Shampoo: Investigating Shampoo's Heuristics
+    by Decomposing its Preconditioner](https://arxiv.org/abs/2506.03595), 2025.
   """
   layout, _ = options.resolve("scale_by_eshampoo", layout, None, legacy,
                                  dimension_numbers=dimension_numbers, takes_fallback=False)
@@ -909,8 +907,8 @@ def eshampoo(
     >>> state = tx.init({'w': jnp.zeros((8, 4))})
 
   References:
-    Eschenhagen et al., `Purifying Shampoo: Investigating Shampoo's Heuristics
-    by Decomposing its Preconditioner <https://arxiv.org/abs/2506.03595>`_, 2025.
+    Eschenhagen et al., [Purifying Shampoo: Investigating Shampoo's Heuristics
+    by Decomposing its Preconditioner](https://arxiv.org/abs/2506.03595), 2025.
   """
   layout, fallback = options.resolve("eshampoo", layout, fallback, legacy,
                                  dimension_numbers=dimension_numbers)
@@ -1007,6 +1005,8 @@ def scale_by_pro_kl_shampoo(
                          max_iters=refresh_max_iters),
       state_dtype=layout.state_dtype,
       dimension_numbers=layout.dimension_numbers,
+      compute_dtype=layout.compute_dtype,
+      matmul_precision=layout.matmul_precision,
   )
   dense = scale_by_kl_shampoo(b1, b2, eps, precondition_frequency, init_factor, max_clamp,
                               refresh_tolerance=refresh_tolerance,
@@ -1107,8 +1107,8 @@ def pro_kl_shampoo(
     True
 
   References:
-    Sun & Wei, `Pro-KLShampoo: Projected KL-Shampoo with Whitening Recovered by
-    Orthogonalization <https://arxiv.org/abs/2605.06316>`_, 2026.
+    Sun & Wei, [Pro-KLShampoo: Projected KL-Shampoo with Whitening Recovered by
+    Orthogonalization](https://arxiv.org/abs/2605.06316), 2026.
   """
   layout, fallback = options.resolve("pro_kl_shampoo", layout, fallback, legacy,
                                  dimension_numbers=dimension_numbers)

@@ -129,6 +129,10 @@ class Part(NamedTuple):
       factor in another form ([`kl_optax.spike_flat_projection`][kl_optax.pro.spike_flat_projection]) uses it
       to replace that mode's dense factor, basis and eigenvalues by one-row
       placeholders (``(1, d)``, ``(1,)``).
+    float32_factors: the part reads eigenvalues of the stored factors
+      ([`kl_optax.eigh_basis_refresh`][kl_optax.parts.eigh_basis_refresh]): the factors are then stored in at
+      least float32 whatever the storage dtype, because rounding a factor to
+      bfloat16 wipes out the small end of its spectrum.
   """
 
   update: Callable[[TensorStep], TensorStep]
@@ -136,6 +140,7 @@ class Part(NamedTuple):
   init_slots: Callable[[Shape], dict[str, jax.Array]] | None = None
   name: str = "part"
   init_state: Callable[[KronState], KronState] | None = None
+  float32_factors: bool = False
 
   def __call__(self, step: TensorStep) -> TensorStep:
     return self.update(step)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
+from kl_optax import kron
 from kl_optax import plan as plan_lib
 from kl_optax import sharding
 from kl_optax import trees
@@ -44,6 +45,15 @@ class _Config(NamedTuple):
   dtype: Any
   block_size: int | None
   max_precond_dim: int | None
+  compute_dtype: Any = None
+  matmul_precision: str | None = None
+
+  @property
+  def factor_dtype(self) -> Any:
+    """The factors' storage: at least float32 when a part reads their eigenvalues."""
+    if any(p.float32_factors for p in self.parts):
+      return jnp.promote_types(self.dtype, jnp.float32)
+    return self.dtype
 
   def plan(self, tree, where: str, dimension_numbers: Any) -> plan_lib.TensorPlan:
     return plan_lib.plan_tensors(tree, where, self.max_precond_dim, self.block_size,
@@ -135,14 +145,18 @@ def _compute_dtype(storage) -> Any:
   return jnp.promote_types(storage, jnp.float32)
 
 
-def _cast_state(state: KronState, dtype) -> KronState:
-  """Casts factors, bases and floating slots; eigenvalue estimates stay at least float32."""
+def _cast_state(state: KronState, dtype, factor_dtype=None) -> KronState:
+  """Casts factors (to ``factor_dtype``, default ``dtype``), bases and floating slots.
 
-  def cast(x):
-    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  Eigenvalue estimates stay at least float32.
+  """
+  factor_dtype = dtype if factor_dtype is None else factor_dtype
+
+  def cast(x, to=dtype):
+    return x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
   return KronState(
-      factors=tuple(cast(x) for x in state.factors),
+      factors=tuple(cast(x, factor_dtype) for x in state.factors),
       bases=tuple(cast(x) for x in state.bases),
       eigvals=tuple(x.astype(_compute_dtype(dtype)) for x in state.eigvals),
       slots={k: cast(v) for k, v in state.slots.items()},
@@ -178,7 +192,7 @@ def _step(config: _Config, tensor_plan, padded, leaves, groups, count):
       functools.partial(_run_groups, _update_tensor, config.parts),
       states, grads, count,
   )
-  new_states = tuple(_cast_state(s, config.dtype) for s in new_states)
+  new_states = tuple(_cast_state(s, config.dtype, config.factor_dtype) for s in new_states)
   if sharding.context_mesh() is not None:
     outs = tuple(sharding.constrain(o, PartitionSpec()) for o in outs)
   return plan_lib.unpack(tensor_plan, outs, leaves), new_states
@@ -212,7 +226,7 @@ def _init(config: _Config, dimension_numbers, params) -> KronTransformState:
   groups = []
   for shape, n in zip(tensor_plan.group_shapes, tensor_plan.group_sizes):
     n = sharding.padded_stack_size(n, mesh)
-    one = _cast_state(_tensor_state(config.parts, shape), config.dtype)
+    one = _cast_state(_tensor_state(config.parts, shape), config.dtype, config.factor_dtype)
     stack = jax.tree.map(lambda x, n=n: jnp.broadcast_to(x, (n,) + x.shape), one)
     if mesh is not None:
       stack = jax.tree.map(
@@ -239,7 +253,8 @@ def _update(config: _Config, dimension_numbers, updates, state: KronTransformSta
     state_specs = jax.tree.map(
         lambda x: sharding.stack_spec(x.shape[0], x.ndim, mesh), state.groups)
     step = jax.sharding.auto_axes(step, out_sharding=(leaf_specs, state_specs))
-  new_leaves, new_states = step(leaves, state.groups, state.count)
+  with kron.matmul_settings(config.compute_dtype, config.matmul_precision):
+    new_leaves, new_states = step(leaves, state.groups, state.count)
   return (tensor_plan.treedef.unflatten(list(new_leaves)),
           KronTransformState(count=count, groups=tuple(new_states)))
 
@@ -250,6 +265,8 @@ def kron_transform(
     block_size: int | None = None,
     max_precond_dim: int | None = None,
     dimension_numbers: Any = None,
+    compute_dtype: jax.typing.DTypeLike | None = None,
+    matmul_precision: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds an optax transformation from a sequence of [`Part`][kl_optax.state.Part].
 
@@ -293,6 +310,16 @@ def kron_transform(
     dimension_numbers: batch axes and mode groups, per leaf or as a rule
       ([`kl_optax.DimensionNumbers`][kl_optax.dims.DimensionNumbers], [`kl_optax.scanned`][kl_optax.dims.scanned], ...;
       ``None``: each leaf is one tensor and each axis a mode). Static.
+    compute_dtype: operand dtype of the mode products and Gram matrices (the
+      projections, the whitening and the factor statistics): ``None`` keeps
+      float32; ``jnp.bfloat16`` rounds the operands to bfloat16 and accumulates
+      in float32 (the tensor cores' rate on accelerators). Eigendecompositions,
+      QR, the power step that feeds them, the eigenvalue estimates and the
+      λ arithmetic stay float32 (Pro-KLShampoo's spike-and-flat products,
+      its subspace statistics included, follow the setting) ([`kl_optax.kron.matmul_settings`][kl_optax.kron.matmul_settings]). Static.
+    matmul_precision: for float32 operands, ``"highest"`` (``None``, full
+      float32), ``"high"`` (TF32 on NVIDIA GPUs, bf16×3 on TPU) or
+      ``"default"``. A CPU ignores it. Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (extra keyword arguments of
@@ -318,8 +345,9 @@ def kron_transform(
       raise TypeError(
           f"kron_transform: argument {i} is a {type(p).__name__}, not a kl_optax.Part.")
   block_size, max_precond_dim = validation.check_blocking(block_size, max_precond_dim)
+  kron.check_matmul_settings(compute_dtype, matmul_precision)  # errors now, not at trace time
   config = _Config(tuple(parts), validation.storage_dtype(state_dtype), block_size,
-                   max_precond_dim)
+                   max_precond_dim, compute_dtype, matmul_precision)
   return optax.GradientTransformationExtraArgs(
       functools.partial(_init, config, dimension_numbers),
       functools.partial(_update, config, dimension_numbers))

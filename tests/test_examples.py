@@ -379,3 +379,16 @@ def test_benchmarks_pin_the_lapack_kernels_unless_set():
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True).stdout.split()
   assert out[0] == "3"
+
+
+def test_precision_benchmark_runs(tmp_path):
+  from kl_optax.benchmarks import precision
+  rows = precision.main(["--optimizers", "kl_shampoo,soap", "--steps", "6", "--gpt-steps", "0",
+                         "--out", str(tmp_path)])
+  assert [r["optimizer"] for r in rows] == ["kl_shampoo", "soap"]
+  for r in rows:
+    # bfloat16 operands move the trajectory, a little; the bases stay orthonormal.
+    assert 0 < r["deviation_final"] <= r["deviation_max"] < 0.5
+    assert r["orthogonality_float32"] < 1e-4 and r["orthogonality_bfloat16"] < 1e-4
+    assert np.isfinite(r["val_float32"]) and np.isfinite(r["val_bfloat16"])
+  assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows

@@ -126,7 +126,7 @@ def _init_factor(value: str):
 SHORT_RUN_INIT_FACTOR = 1e-3  # for recipes whose default start is a constant
 
 
-def _default_start(base: str):
+def default_start(base: str):
   """The suite's init_factor for a KL recipe when none is given (see --kl-init-factor)."""
   default = inspect.signature(kl_optax.RECIPES[base].constructor).parameters["init_factor"].default
   return None if isinstance(default, str) else SHORT_RUN_INIT_FACTOR
@@ -218,7 +218,7 @@ class _Runner:
     base, kwargs = self.optimizer_kwargs(name, seed)
     task = self.task(seed)
     if base in KL_RECIPES:
-      start = self.kl_init_factor if self.kl_init_factor is not None else _default_start(base)
+      start = self.kl_init_factor if self.kl_init_factor is not None else default_start(base)
       if start is not None:
         kwargs.setdefault("init_factor", start)
     if base != "adamw":
