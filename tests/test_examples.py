@@ -318,6 +318,19 @@ def test_horizon_and_width_benchmarks_run(tmp_path):
   assert set(report["optimizers"]) == {"adamw", "muon"}
   assert len(report["optimizers"]["muon"]["long_runs"]) == 2
   assert "Ordering at 4 steps" in (tmp_path / "h" / "results.md").read_text()
+  # Runs split over two processes combine into one report, as if run together.
+  horizon.main([*tiny, "--d-model", "8", "--steps", "4", "--sweep-steps", "2",
+                "--seeds", "2", "--evals", "2", "--optimizers", "kl_shampoo",
+                "--out", str(tmp_path / "h2")])
+  merged = horizon.merge([str(tmp_path / "h"), str(tmp_path / "h2")], str(tmp_path / "m"))
+  assert list(merged["optimizers"]) == ["adamw", "muon", "kl_shampoo"]
+  assert merged["optimizers"]["muon"] == report["optimizers"]["muon"]
+  text = (tmp_path / "m" / "results.md").read_text()
+  assert "| kl_shampoo |" in text and "| adamw |" in text and (tmp_path / "m" / "curves.png").exists()
+  with pytest.raises(SystemExit, match="other settings"):
+    horizon.main([*tiny, "--d-model", "8", "--steps", "3", "--sweep-steps", "2", "--seeds", "1",
+                  "--evals", "1", "--optimizers", "adamw", "--out", str(tmp_path / "h3")])
+    horizon.merge([str(tmp_path / "h"), str(tmp_path / "h3")], str(tmp_path / "m2"))
   results = width.main([*tiny, "--widths", "8,16", "--steps", "2", "--evals", "1",
                         "--optimizers", "kl_shampoo@init_factor=rms",
                         "--out", str(tmp_path / "w")])

@@ -33,7 +33,7 @@ from kl_optax.benchmarks import harness, workload
 from kl_optax.benchmarks.optimizers import make_optimizer
 from kl_optax.benchmarks.suite import QUICK_LEARNING_RATES
 
-__all__ = ["main", "sweep"]
+__all__ = ["main", "merge", "sweep"]
 
 DEFAULT_OPTIMIZERS = "adamw,muon,soap,kl_soap,kl_shampoo,pro_kl_shampoo"
 
@@ -48,6 +48,9 @@ def _parse(argv):
                  help="comma-separated names; 'name@key=value' passes keyword arguments")
   p.add_argument("--max-extend", type=int, default=2)
   p.add_argument("--out", default="runs/horizon")
+  p.add_argument("--merge", nargs="+", metavar="DIR",
+                 help="only combine the runs.json of earlier runs (e.g. two processes with "
+                      "different --optimizers) into one report in --out")
   return p.parse_args(argv)
 
 
@@ -86,8 +89,32 @@ def _ordering(table: dict[str, float]) -> str:
                                                                       key=lambda kv: kv[1]))
 
 
+def merge(dirs, out: str, argv=None) -> dict:
+  """Combines the ``runs.json`` of several runs (same model and steps) into one report."""
+  reports = []
+  for d in dirs:
+    with open(os.path.join(d, "runs.json")) as f:
+      reports.append(json.load(f))
+  keys = ("d_model", "layers", "context", "batch", "steps", "sweep_steps", "seeds")
+  first = {k: reports[0]["args"][k] for k in keys}
+  for d, r in zip(dirs, reports):
+    if {k: r["args"][k] for k in keys} != first:
+      raise SystemExit(f"{d}/runs.json was made with other settings than {dirs[0]}: "
+                       f"{ {k: r['args'][k] for k in keys} } vs {first}")
+  report = {"args": {**reports[0]["args"], "out": out}, "optimizers": {}}
+  for r in reports:
+    report["optimizers"].update(r["optimizers"])
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "runs.json"), "w") as f:
+    json.dump(report, f)
+  _write(report, argparse.Namespace(**report["args"]), argv, params=None)
+  return report
+
+
 def main(argv=None) -> dict:
   args = _parse(argv)
+  if args.merge:
+    return merge(args.merge, args.out, argv)
   os.makedirs(args.out, exist_ok=True)
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
   works = {seed: _work(args, seed) for seed in range(args.seeds)}
@@ -133,11 +160,17 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out, "runs.json"), "w") as f:
       json.dump(report, f)
 
+  _write(report, args, argv, setup0.num_params)
+  return report
+
+
+def _write(report: dict, args, argv, params: int | None) -> None:
   opts = report["optimizers"]
   short = {n: o["short"] for n, o in opts.items()}
   long = {n: o["long_mean"] for n, o in opts.items()}
+  size = f" ({params:,} parameters)" if params else ""
   lines = [f"Character GPT, d {args.d_model}, {args.layers} layers, context {args.context}, "
-           f"batch {args.batch} ({setup0.num_params:,} parameters); sweep at {args.sweep_steps} "
+           f"batch {args.batch}{size}; sweep at {args.sweep_steps} "
            f"steps (seed 0), {args.steps} steps with {args.seeds} seeds at the best rate.", "",
            f"| optimizer | peak lr | val loss, {args.sweep_steps} steps | val loss, {args.steps} "
            "steps (mean ± std) | sweep |", "|---|---|---|---|---|"]
@@ -151,7 +184,6 @@ def main(argv=None) -> dict:
           for n, o in opts.items()]
   harness.write_report(args.out, "kl_optax.benchmarks.horizon", argv, rows, lines)
   _plot(os.path.join(args.out, "curves.png"), opts, args)
-  return report
 
 
 def _plot(path, opts, args):
