@@ -586,6 +586,38 @@ def _ema_eigenvalue(b2: float, lam: jax.Array, delta: jax.Array, dim: int,
 UPDATE_ORDERS = ("jacobi", "authors")
 
 
+def _jacobi_statistics(st: KronState, g: jax.Array, b2: float, max_clamp: float | None,
+                       damping: float) -> KronState:
+  """Factors and eigenvalue estimates of one step in Jacobi order, sharing products.
+
+  The same statistics as [`kl_factor_update`][kl_optax.parts.kl_factor_update] followed by [`ema_eigenvalues`][kl_optax.parts.ema_eigenvalues]
+  (up to float32 rounding), with fewer products: the mode-``k`` increment is the Gram
+  matrix of ``A_k = G ×_{j≠k} Q_jᵀ`` scaled by ``∏_{j≠k} λ_j^{-1/2}``, and the
+  projected gradient ``G̃ = P(G)`` is ``A_k ×_k Q_kᵀ`` for the smallest mode ``k``
+  instead of a projection of its own. For an ``m × n`` matrix (``m ≤ n``) the statistics
+  then cost ``4(m²n + mn²) + 2m²n`` FLOPs instead of ``6(m²n + mn²)``.
+  """
+  beta = _f32(b2)
+  inv = [1.0 / lam for lam in st.eigvals]
+  rsqrt = [jax.lax.rsqrt(lam) for lam in st.eigvals]
+  transposed = [q.T for q in st.bases]
+  smallest = min(range(g.ndim), key=lambda k: g.shape[k])
+  factors, projected = [], None
+  for k in range(g.ndim):
+    a = kron.other_modes_product(g, transposed, skip=k)
+    weights = [r if j != k else jnp.ones_like(r) for j, r in enumerate(rsqrt)]
+    w = a * kron.outer_product(weights)
+    factors.append(beta * st.factors[k] + (1.0 - beta) * kron.mode_gram(w, k)
+                   / _others_size(g.shape, k))
+    if k == smallest:
+      projected = kron.mode_product(a, transposed[k], k)
+  sq = jnp.square(projected)
+  eigvals = tuple(
+      _ema_eigenvalue(b2, lam, _eigen_increment(sq, inv, k, damping, inv), g.shape[k], max_clamp)
+      for k, lam in enumerate(st.eigvals))
+  return st._replace(factors=tuple(factors), eigvals=eigvals)
+
+
 def kl_statistics(
     b2: float = 0.98, *, order: str = "jacobi", init_factor: float | str = 0.1, max_clamp: float | None = 4000,
     damping: float = 0.0,
@@ -632,7 +664,8 @@ def kl_statistics(
 
   def update(step: TensorStep) -> TensorStep:
     if order == "jacobi" or step.grad.ndim == 2:
-      return eig_part.update(factor_part.update(step))
+      return step._replace(state=_jacobi_statistics(step.state, step.grad, b2, max_clamp,
+                                                    damping))
     st, g = step.state, step.grad
     beta = _f32(b2)
     old = list(st.eigvals)

@@ -166,9 +166,8 @@ def _kl_statistics(b2, init_factor, max_clamp, damping, update_order) -> list:
   validation.check_range("damping", damping, 0.0, None)
   if update_order not in P.UPDATE_ORDERS:
     raise ValueError(f"update_order must be one of {P.UPDATE_ORDERS}, got {update_order!r}.")
-  if update_order == "jacobi":
-    return [P.kl_factor_update(b2),
-            P.ema_eigenvalues(b2, init_factor=init_factor, max_clamp=max_clamp, damping=damping)]
+  # One part for both statistics: it shares the products of the factor update and
+  # the projected gradient (kl_statistics; the same as kl_factor_update + ema_eigenvalues).
   return [P.kl_statistics(b2, order=update_order, init_factor=init_factor, max_clamp=max_clamp,
                           damping=damping)]
 

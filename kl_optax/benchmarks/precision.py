@@ -1,6 +1,6 @@
 """What cheaper compute costs in quality: bfloat16 products against float32 at HIGHEST.
 
-Usage (about 10 minutes on a 2-core CPU):
+Usage (19 minutes on a 2-core CPU shared with two other jobs):
 
     python -m kl_optax.benchmarks.precision --out runs/precision
 
