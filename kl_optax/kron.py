@@ -11,8 +11,9 @@ projections, whitening and factor statistics) follow the settings of
 [`matmul_settings`][kl_optax.kron.matmul_settings]: by default float32 operands at
 ``precision=HIGHEST`` (on TPU and GPU the default matmul precision rounds operands
 to bfloat16 or TF32); inside ``matmul_settings(jnp.bfloat16)`` bfloat16 operands
-with float32 accumulation. The decompositions and the products that feed them
-(the power step of a basis refresh) always run in float32 at ``HIGHEST``.
+with float32 accumulation. ``kl_optax.kron_transform`` keeps the products that feed
+the decompositions (its initialization step, the power step of a basis refresh) at
+float32 ``HIGHEST``.
 
 Every function here acts on a single tensor; batches of same-shape tensors are
 handled by ``jax.vmap`` around them.
@@ -77,7 +78,7 @@ def check_matmul_settings(compute_dtype, matmul_precision) -> MatmulSettings:
   """Validates ``compute_dtype`` / ``matmul_precision`` and returns the settings.
 
   Raises:
-    ValueError: naming the argument, for a dtype that is not bfloat16/float16/float32
+    ValueError: naming the argument, for a dtype that is not bfloat16/float32
       or a precision name not in ``MATMUL_PRECISIONS``.
   """
   dtype = None
@@ -86,9 +87,9 @@ def check_matmul_settings(compute_dtype, matmul_precision) -> MatmulSettings:
       dtype = jnp.dtype(compute_dtype)
     except TypeError as error:
       raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype!r}") from error
-    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
-      raise ValueError(f"compute_dtype must be bfloat16, float16 or float32 (None: the "
-                       f"state's dtype), got {dtype}")
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+      # float16 would flush the small entries of a factor to zero and overflow at 65504.
+      raise ValueError(f"compute_dtype must be bfloat16 or float32 (None: float32), got {dtype}")
     if dtype == jnp.float32:
       dtype = None
   name = "highest" if matmul_precision is None else matmul_precision
@@ -105,8 +106,8 @@ def matmul_settings(compute_dtype: jax.typing.DTypeLike | None = None,
 
   Args:
     compute_dtype: ``None`` (or float32): operands keep their dtype (float32);
-      ``jnp.bfloat16`` (or ``jnp.float16``): operands are rounded to it and the
-      products accumulate and return in the operands' original dtype.
+      ``jnp.bfloat16``: operands are rounded to it and the products accumulate
+      and return in the operands' original dtype.
     matmul_precision: for float32 operands, a name of ``MATMUL_PRECISIONS``
       (``None``: ``"highest"``).
 

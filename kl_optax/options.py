@@ -97,8 +97,10 @@ class Layout:
       most this length, each with its own preconditioner (``None``: such
       tensors go to the fallback instead). At most ``max_precond_dim``.
     state_dtype: storage dtype of moments, factors and bases (``None``:
-      float32; ``jnp.bfloat16`` halves their memory). Eigenvalue estimates
-      are always float32, and all computation is float32.
+      float32; ``jnp.bfloat16`` halves their memory, except the factors of a
+      recipe that reads their eigenvalues, ``shampoo``, which stay float32).
+      Eigenvalue estimates are always float32; how the products compute is
+      ``compute_dtype``'s choice.
     dimension_numbers: which axes of a leaf are a batch of tensors (scanned
       layers, experts) and how its other axes group into modes
       (``kl_optax.dims``): ``None``, a ``kl_optax.DimensionNumbers``, a

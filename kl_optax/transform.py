@@ -140,6 +140,13 @@ def _run_groups(tensor_fn, parts, states, grads, count):
   return tuple(r[0] for r in results), tuple(r[1] for r in results)
 
 
+def _float32_products(fn, *args):
+  """``fn(*args)`` traced with float32 products at HIGHEST (the initialization's
+  statistics feed its eigendecompositions)."""
+  with kron.matmul_settings():
+    return fn(*args)
+
+
 def _compute_dtype(storage) -> Any:
   """float32, or float64 for float64 storage (bfloat16 storage computes in float32)."""
   return jnp.promote_types(storage, jnp.float32)
@@ -188,7 +195,7 @@ def _step(config: _Config, tensor_plan, padded, leaves, groups, count):
   states = tuple(_cast_state(g, compute) for g in groups)
   new_states, outs = jax.lax.cond(
       count == 0,
-      functools.partial(_run_groups, _initialize_tensor, config.parts),
+      functools.partial(_float32_products, _run_groups, _initialize_tensor, config.parts),
       functools.partial(_run_groups, _update_tensor, config.parts),
       states, grads, count,
   )
@@ -314,9 +321,12 @@ def kron_transform(
       projections, the whitening and the factor statistics): ``None`` keeps
       float32; ``jnp.bfloat16`` rounds the operands to bfloat16 and accumulates
       in float32 (the tensor cores' rate on accelerators). Eigendecompositions,
-      QR, the power step that feeds them, the eigenvalue estimates and the
-      λ arithmetic stay float32 (Pro-KLShampoo's spike-and-flat products,
-      its subspace statistics included, follow the setting) ([`kl_optax.kron.matmul_settings`][kl_optax.kron.matmul_settings]). Static.
+      QR, the products that feed them (the whole initialization step and the
+      power step of a basis refresh) and the eigenvalue arithmetic stay
+      float32; Pro-KLShampoo's spike-and-flat products, its subspace power
+      step included, follow the setting. The transformation sets its own
+      [`kl_optax.kron.matmul_settings`][kl_optax.kron.matmul_settings] (``None`` means float32): an enclosing
+      ``matmul_settings`` block does not change it ([`kl_optax.kron.matmul_settings`][kl_optax.kron.matmul_settings]). Static.
     matmul_precision: for float32 operands, ``"highest"`` (``None``, full
       float32), ``"high"`` (TF32 on NVIDIA GPUs, bf16×3 on TPU) or
       ``"default"``. A CPU ignores it. Static.

@@ -63,6 +63,20 @@ def test_bfloat16_compute_stays_close_to_float32_and_is_not_ignored(name):
   assert jax.tree.map(lambda x: x.dtype, ref_state) == jax.tree.map(lambda x: x.dtype, low_state)
 
 
+def test_the_initialization_step_computes_in_float32_under_bfloat16():
+  # The first update's statistics feed eigendecompositions (the bases, the "spectrum"
+  # start): they are computed at float32 whatever compute_dtype says.
+  params = _params()
+  grads = _grads(params, 0)
+  states = []
+  for layout in (None, kl_optax.Layout(compute_dtype=jnp.bfloat16)):
+    tx = kl_optax.kl_shampoo(1e-2, layout=layout)
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    states.append(kl_optax.kron_states(state))
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_default_settings_are_float32_at_highest_precision():
   assert kron.current_matmul_settings() == kron.MatmulSettings(None, jax.lax.Precision.HIGHEST)
   ref, _ = _trajectory("kl_shampoo", None)
@@ -104,6 +118,7 @@ def test_matmul_settings_nest_and_restore():
 @pytest.mark.parametrize("kwargs, match", [
     ({"compute_dtype": jnp.int8}, "compute_dtype"),
     ({"compute_dtype": "complex64"}, "compute_dtype"),
+    ({"compute_dtype": jnp.float16}, "compute_dtype"),
     ({"matmul_precision": "fastest"}, "matmul_precision"),
     ({"matmul_precision": jax.lax.Precision.HIGH}, "matmul_precision"),
 ])

@@ -95,19 +95,25 @@ def merge(dirs, out: str, argv=None) -> dict:
   for d in dirs:
     with open(os.path.join(d, "runs.json")) as f:
       reports.append(json.load(f))
-  keys = ("d_model", "layers", "context", "batch", "steps", "sweep_steps", "seeds")
+  keys = ("d_model", "layers", "heads", "context", "batch", "val_batches", "steps",
+          "sweep_steps", "seeds", "evals")
   first = {k: reports[0]["args"][k] for k in keys}
   for d, r in zip(dirs, reports):
     if {k: r["args"][k] for k in keys} != first:
       raise SystemExit(f"{d}/runs.json was made with other settings than {dirs[0]}: "
                        f"{ {k: r['args'][k] for k in keys} } vs {first}")
-  report = {"args": {**reports[0]["args"], "out": out}, "optimizers": {}}
-  for r in reports:
+  report = {"args": {**reports[0]["args"], "out": out}, "optimizers": {},
+            "params": reports[0].get("params")}
+  for d, r in zip(dirs, reports):
+    twice = sorted(set(r["optimizers"]) & set(report["optimizers"]))
+    if twice:
+      raise SystemExit(f"{d}/runs.json repeats {twice}, already in an earlier directory")
     report["optimizers"].update(r["optimizers"])
+  report["args"]["optimizers"] = ",".join(report["optimizers"])
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "runs.json"), "w") as f:
     json.dump(report, f)
-  _write(report, argparse.Namespace(**report["args"]), argv, params=None)
+  _write(report, argparse.Namespace(**report["args"]), argv, params=report["params"])
   return report
 
 
@@ -122,7 +128,7 @@ def main(argv=None) -> dict:
   print(f"device: {jax.devices()[0].device_kind}; model: {setup0.num_params:,} parameters "
         f"(d {args.d_model}, {args.layers} layers, context {args.context}, batch {args.batch})",
         flush=True)
-  report = {"args": vars(args), "optimizers": {}}
+  report = {"args": vars(args), "optimizers": {}, "params": setup0.num_params}
   for name in names:
     base, kwargs = harness.parse_variant(name)
     if base == "pro_kl_shampoo":

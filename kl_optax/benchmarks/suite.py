@@ -2,7 +2,7 @@
 
 Usage:
 
-    python -m kl_optax.benchmarks                    # quick: about 2.5 minutes on a 2-core CPU
+    python -m kl_optax.benchmarks                    # quick: 2.7 minutes on a 2-core CPU
     python -m kl_optax.benchmarks --preset cpu       # full CPU protocol (40 minutes, 2 cores)
     python -m kl_optax.benchmarks --preset gpu       # larger models, for an accelerator
     python -m kl_optax.benchmarks --preset cpu --workloads digits_mlp --optimizers adamw,kl_shampoo
@@ -105,7 +105,7 @@ class Preset:
 ALL_OPTIMIZERS = ("adamw", "muon", *kl_optax.RECIPES)
 
 PRESETS = {
-    # About 2.5 minutes on a 2-core CPU: every optimizer on the digits MLP; AdamW, Muon and
+    # 2.7 minutes on a 2-core CPU: every optimizer on the digits MLP; AdamW, Muon and
     # KL-Shampoo on the character GPT (its Kronecker train steps take ~10 s each to compile).
     "quick": Preset("cpu", ("digits_mlp", "char_gpt"), ALL_OPTIMIZERS, 300, 1, False,
                     timing_calls=0,
