@@ -411,6 +411,11 @@ def test_kl_statistics_shares_products_and_equals_the_two_parts(shape, damping, 
       kl_optax.kl_factor_update(0.9).update(step)).state
   for a, b in zip(fused.factors + fused.eigvals, apart.factors + apart.eigvals):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+  # Without shared products it is the two parts, exactly.
+  plain = kl_optax.kl_statistics(0.9, max_clamp=max_clamp, damping=damping,
+                                 shared_products=False).update(step).state
+  for a, b in zip(plain.factors + plain.eigvals, apart.factors + apart.eigvals):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_kl_statistics_saves_one_projection_in_xla_flops():
