@@ -15,8 +15,8 @@ Composable parts (``kl_optax.parts``, ``kl_optax.pro``, ``kl_optax.newton_schulz
   (``kl_factor_update``, ``shampoo_factor_update``, ``ema_eigenvalues``,
   ``spike_flat_projection``), bases (``qr_basis_refresh``,
   ``eigh_basis_refresh``), directions (``whiten``, ``adam_in_eigenbasis``,
-  ``eigenvalue_corrected_whiten``, ``inverse_root``, ``adam_grafting``,
-  ``spike_flat_whiten``, ``orthogonalize``) and ``momentum``; spike-and-flat
+  ``eigenvalue_corrected_whiten``, ``inverse_root``, ``cached_inverse_root``,
+  ``adam_grafting``, ``spike_flat_whiten``, ``orthogonalize``) and ``momentum``; spike-and-flat
   algebra; Newton–Schulz orthogonalization (``newton_schulz_orthogonalize``,
   ``scale_by_newton_schulz``).
 State types (``kl_optax.state``)
@@ -58,6 +58,7 @@ from kl_optax.options import Fallback, Layout, describe
 from kl_optax.parts import (
     adam_grafting,
     adam_in_eigenbasis,
+    cached_inverse_root,
     eigenvalue_corrected_whiten,
     eigh_basis_refresh,
     ema_eigenvalues,
@@ -118,6 +119,7 @@ __all__ = sorted([
     "adam_grafting",
     "adam_states",
     "adam_in_eigenbasis",
+    "cached_inverse_root",
     "attention_heads",
     "check_gradients",
     "checkpoint",

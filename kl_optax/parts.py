@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from kl_optax import kron
 from kl_optax import validation
 from kl_optax.state import (
+    INVERSE_ROOT,
     MU,
     MU_EIG,
     NU_EIG,
@@ -68,6 +69,7 @@ from kl_optax.state import (
 __all__ = [
     "adam_grafting",
     "adam_in_eigenbasis",
+    "cached_inverse_root",
     "clamp_floor",
     "eigenvalue_corrected_whiten",
     "eigh_basis_refresh",
@@ -280,6 +282,62 @@ def inverse_root(eps: float = 1e-12, *, exponent: Any = None) -> Part:
     return step._replace(update=u)
 
   return Part(update=update, name="inverse_root")
+
+
+def _inverse_root_slot(mode: int) -> str:
+  return f"{INVERSE_ROOT}_{mode}"
+
+
+def _inverse_root_matrix(q: jax.Array, lam: jax.Array, eps: float, p: float) -> jax.Array:
+  """``Q diag((max(λ, 0) + eps)^{-p}) Qᵀ``, in float32 whatever the compute setting."""
+  scale = jnp.power(jnp.maximum(lam, 0.0) + _f32(eps), -_f32(p))
+  with kron.matmul_settings():  # float32 at HIGHEST: the cache is used for many steps
+    return kron.matmul(q * scale, q.T)
+
+
+def cached_inverse_root() -> Part:
+  r"""Shampoo's direction from cached inverse roots: ``U = u ×_1 R_1 ×_2 R_2 …``.
+
+  ``R_k = (S_k + eps I)^{-p}`` as computed by
+  [`eigh_basis_refresh`][kl_optax.parts.eigh_basis_refresh] with
+  ``inverse_root_eps=eps`` at its last refresh, read from the slots
+  ``'inverse_root_k'``. The same direction as
+  [`inverse_root`][kl_optax.parts.inverse_root] with the same ``eps`` and
+  exponent, for half its matrix products: one product per mode,
+  ``2 d_k · size`` FLOPs, instead of a projection into the eigenbasis and
+  back. The roots cost one ``d_k × d_k`` product per mode per refresh and
+  ``d_k²`` more numbers of state per mode.
+
+  Returns:
+    A [`Part`][kl_optax.state.Part] that replaces the running update.
+
+  Raises:
+    ValueError: (when traced) if no part of the sequence keeps the roots.
+
+  Examples:
+    >>> import jax.numpy as jnp, kl_optax
+    >>> tx = kl_optax.kron_transform(
+    ...     kl_optax.cached_inverse_root(), kl_optax.shampoo_factor_update(0.99),
+    ...     kl_optax.eigh_basis_refresh(10, inverse_root_eps=1e-12))
+    >>> g = {"w": jnp.ones((3, 4))}
+    >>> state = tx.init(g)
+    >>> u, state = tx.update(g, state)  # the initialization step: zero
+    >>> u, state = tx.update(g, state)
+    >>> u["w"].shape
+    (3, 4)
+  """
+
+  def update(step: TensorStep) -> TensorStep:
+    names = [_inverse_root_slot(k) for k in range(len(step.state.bases))]
+    missing = [n for n in names if n not in step.state.slots]
+    if missing:
+      raise ValueError(
+          f"cached_inverse_root: no slot {missing[0]!r}; the sequence needs "
+          "eigh_basis_refresh(..., inverse_root_eps=...) to keep the inverse roots.")
+    return step._replace(update=kron.project_back(step.update,
+                                                  [step.state.slots[n] for n in names]))
+
+  return Part(update=update, name="cached_inverse_root")
 
 
 def adam_grafting(b2: float = 0.999, eps: float = 1e-8, *, slot: str = NU_GRAFT) -> Part:
@@ -881,12 +939,19 @@ def qr_basis_refresh(
         done.append(jnp.bool_(False))
         failed.append(jnp.bool_(False))
         continue
+      power = None
       if sort:
-        order = jnp.argsort(-jnp.diagonal(_rotated_basis(s, q)))
-        q = q[:, order]
+        # diag(QᵀSQ) from the product S Q the power step needs anyway (column sums
+        # of Q ⊙ SQ): one d³ product per mode for sorting and power step together.
+        dtype = jnp.promote_types(s.dtype, jnp.float32)
+        sq = jnp.matmul(s.astype(dtype), q.astype(dtype), precision=kron.HIGHEST)
+        order = jnp.argsort(-jnp.sum(q.astype(dtype) * sq, axis=0))
+        q, power = q[:, order], sq[:, order]
         for name in permute_slots:
           slots[name] = jnp.take(slots[name], order, axis=k)
-      if plain:
+      if plain and power is not None:
+        q_new, n = kron.qr_orthonormal(power), jnp.int32(1)
+      elif plain:
         q_new, n = kron.qr_power_step(s, q), jnp.int32(1)
       else:
         q_new, n = _qr_iterations(s, q, tol, iters)
@@ -911,7 +976,13 @@ def qr_basis_refresh(
               name="qr_basis_refresh")
 
 
-def eigh_basis_refresh(precondition_frequency: int = 10, *, tolerance: float | None = None) -> Part:
+def eigh_basis_refresh(
+    precondition_frequency: int = 10,
+    *,
+    tolerance: float | None = None,
+    inverse_root_eps: float | None = None,
+    inverse_root_exponent: float | None = None,
+) -> Part:
   r"""Exact eigendecompositions of the factors: ``λ_k, Q_k = eigh(S_k)`` (Shampoo).
 
   Runs on the initialization step and on steps with
@@ -926,12 +997,39 @@ def eigh_basis_refresh(precondition_frequency: int = 10, *, tolerance: float | N
   Args:
     precondition_frequency: refresh every this many steps (``t ≥ 1``).
     tolerance: relative off-diagonal tolerance in [0, 1] (``None``: always).
+    inverse_root_eps: if set, the part also keeps Shampoo's inverse roots
+      ``R_k = Q_k diag((max(λ_k, 0) + eps)^{-p}) Q_kᵀ`` in the slots
+      ``'inverse_root_k'`` (float32 whatever the storage dtype), recomputed
+      whenever it writes ``λ_k`` or ``Q_k``, for
+      [`cached_inverse_root`][kl_optax.parts.cached_inverse_root].
+    inverse_root_exponent: ``p`` of those roots; ``None`` means ``1 / (2K)``
+      for a tensor of order ``K``. Only with ``inverse_root_eps``.
 
   Returns:
     A [`Part`][kl_optax.state.Part] that writes ``state.bases``, ``state.eigvals`` and the
-    slots ``'refreshes'`` and ``'refresh_failures'``.
+    slots ``'refreshes'``, ``'refresh_failures'`` (and ``'inverse_root_k'``).
   """
   tol = _static_tolerance(tolerance)
+  if inverse_root_eps is not None:
+    validation.check_range("inverse_root_eps", inverse_root_eps, 0.0, None)
+  elif inverse_root_exponent is not None:
+    raise ValueError("eigh_basis_refresh: inverse_root_exponent needs inverse_root_eps.")
+  if inverse_root_exponent is not None:
+    validation.check_range("inverse_root_exponent", inverse_root_exponent, 0.0, None)
+
+  def with_roots(state: KronState) -> KronState:
+    if inverse_root_eps is None:
+      return state
+    p = 1.0 / (2 * len(state.bases)) if inverse_root_exponent is None else inverse_root_exponent
+    return state.with_slots(**{
+        _inverse_root_slot(k): _inverse_root_matrix(q, lam, inverse_root_eps, p)
+        for k, (q, lam) in enumerate(zip(state.bases, state.eigvals))})
+
+  def init_slots(shape):
+    slots = _refresh_init(shape)
+    if inverse_root_eps is not None:
+      slots.update({_inverse_root_slot(k): jnp.zeros((d, d)) for k, d in enumerate(shape)})
+    return slots
 
   def decompose(s, q, lam):
     w, v = kron.eigh_descending(s)
@@ -955,16 +1053,17 @@ def eigh_basis_refresh(precondition_frequency: int = 10, *, tolerance: float | N
     slots = dict(state.slots)
     _count(slots, REFRESHES, [o[2] for o in out])
     _count(slots, REFRESH_FAILURES, [o[3] & ~o[2] for o in out])
-    return state._replace(eigvals=tuple(o[0] for o in out), bases=tuple(o[1] for o in out),
-                          slots=slots)
+    return with_roots(state._replace(eigvals=tuple(o[0] for o in out),
+                                     bases=tuple(o[1] for o in out), slots=slots))
 
   def first_update(step: TensorStep) -> TensorStep:
     st = step.state
     out = [decompose(s, q, lam) for s, q, lam in zip(st.factors, st.bases, st.eigvals)]
     slots = dict(st.slots)
     _count(slots, REFRESH_FAILURES, [~o[2] for o in out])
-    return step._replace(state=st._replace(eigvals=tuple(o[0] for o in out),
-                                           bases=tuple(o[1] for o in out), slots=slots))
+    return step._replace(state=with_roots(st._replace(eigvals=tuple(o[0] for o in out),
+                                                      bases=tuple(o[1] for o in out),
+                                                      slots=slots)))
 
   def update(step: TensorStep) -> TensorStep:
     due = (step.count % precondition_frequency) == 0
@@ -972,5 +1071,6 @@ def eigh_basis_refresh(precondition_frequency: int = 10, *, tolerance: float | N
 
   # Shampoo's inverse roots use these eigenvalues: a bfloat16-stored factor would lose
   # its small eigenvalues (its loss on a regression was 7x float32's), so keep it float32.
-  return Part(update=update, first_update=first_update, init_slots=_refresh_init,
-              name="eigh_basis_refresh", float32_factors=True)
+  return Part(update=update, first_update=first_update, init_slots=init_slots,
+              name="eigh_basis_refresh", float32_factors=True,
+              float32_slots=(INVERSE_ROOT,) if inverse_root_eps is not None else ())

@@ -673,13 +673,15 @@ def scale_by_shampoo(
 
   Per step ``t ≥ 1`` (``docs/math.md``, "The baselines"):
 
-  1. ``D = (⊗_k (S_k + eps I)^{-1/(2K)}) G``, through the eigendecompositions
+  1. ``D = (⊗_k (S_k + eps I)^{-1/(2K)}) G``, with the inverse roots
+     ``Q_k diag(λ_k + eps)^{-1/(2K)} Q_kᵀ`` computed from the eigendecompositions
      ``S_k = Q_k diag(λ_k) Q_kᵀ`` of the last refresh;
   2. grafting: ``D`` is rescaled to the Frobenius norm of Adam's direction
      ``G / (sqrt(ν̂) + graft_eps)``, ``ν ← b2 ν + (1 − b2) G²`` (bias-corrected);
   3. momentum on the grafted direction, ``m ← b1 m + (1 − b1) D``, bias-corrected;
   4. ``S_k ← b2 S_k + (1 − b2) G_(k) G_(k)ᵀ``;
-  5. every ``precondition_frequency`` steps ``λ_k, Q_k = eigh(S_k)``.
+  5. every ``precondition_frequency`` steps ``λ_k, Q_k = eigh(S_k)`` and the
+     inverse roots from them.
 
   The first update initializes ``S_k = (1−b2) G_(k)G_(k)ᵀ`` and its
   eigendecomposition, and returns zero.
@@ -715,11 +717,14 @@ def scale_by_shampoo(
   _check_common(b1, b2, eps, precondition_frequency)
   validation.check_range("graft_eps", graft_eps, 0.0, None)
   return transform.kron_transform(
-      P.inverse_root(eps),
+      # D from the inverse roots the refresh keeps: one product per mode instead of a
+      # projection into the eigenbasis and back (the same D as P.inverse_root(eps)).
+      P.cached_inverse_root(),
       P.adam_grafting(b2, graft_eps),
       P.momentum(b1, bias_correction=True),
       P.shampoo_factor_update(b2),
-      P.eigh_basis_refresh(precondition_frequency, tolerance=refresh_tolerance),
+      P.eigh_basis_refresh(precondition_frequency, tolerance=refresh_tolerance,
+                           inverse_root_eps=eps),
       **layout.transform_options(),
   )
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "FLAT",
+    "INVERSE_ROOT",
     "MU",
     "MU_EIG",
     "NONFINITE_SKIPS",
@@ -55,6 +56,7 @@ NU_EIG = "nu_eig"              # second moment in the eigenbasis
 NU_GRAFT = "nu_graft"          # Adam second moment of the grafting direction
 REFRESHES = "refreshes"        # basis refreshes performed, one count per mode
 REFRESH_FAILURES = "refresh_failures"  # refreshes discarded as non-finite, per mode
+INVERSE_ROOT = "inverse_root"  # prefix: slot "inverse_root_k" holds mode k's (S_k + eps I)^{-p}
 # Slot of kron_transform itself.
 NONFINITE_SKIPS = "nonfinite_skips"    # steps a tensor skipped for non-finite values
 # Slots of the spike-and-flat factor (kl_optax.pro).
@@ -133,6 +135,10 @@ class Part(NamedTuple):
       ([`kl_optax.eigh_basis_refresh`][kl_optax.parts.eigh_basis_refresh]): the factors are then stored in at
       least float32 whatever the storage dtype, because rounding a factor to
       bfloat16 wipes out the small end of its spectrum.
+    float32_slots: prefixes of slot names the part keeps in at least float32
+      whatever the storage dtype (the cached inverse roots of
+      [`kl_optax.eigh_basis_refresh`][kl_optax.parts.eigh_basis_refresh], whose
+      entries span the factors' whole spectrum).
   """
 
   update: Callable[[TensorStep], TensorStep]
@@ -141,6 +147,7 @@ class Part(NamedTuple):
   name: str = "part"
   init_state: Callable[[KronState], KronState] | None = None
   float32_factors: bool = False
+  float32_slots: tuple[str, ...] = ()
 
   def __call__(self, step: TensorStep) -> TensorStep:
     return self.update(step)

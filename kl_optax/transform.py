@@ -55,6 +55,11 @@ class _Config(NamedTuple):
       return jnp.promote_types(self.dtype, jnp.float32)
     return self.dtype
 
+  @property
+  def float32_slots(self) -> tuple[str, ...]:
+    """Prefixes of the slots stored in at least float32 whatever the storage dtype."""
+    return tuple(prefix for p in self.parts for prefix in p.float32_slots)
+
   def plan(self, tree, where: str, dimension_numbers: Any) -> plan_lib.TensorPlan:
     return plan_lib.plan_tensors(tree, where, self.max_precond_dim, self.block_size,
                                  dimension_numbers)
@@ -152,12 +157,15 @@ def _compute_dtype(storage) -> Any:
   return jnp.promote_types(storage, jnp.float32)
 
 
-def _cast_state(state: KronState, dtype, factor_dtype=None) -> KronState:
+def _cast_state(state: KronState, dtype, factor_dtype=None,
+                float32_slots: tuple[str, ...] = ()) -> KronState:
   """Casts factors (to ``factor_dtype``, default ``dtype``), bases and floating slots.
 
-  Eigenvalue estimates stay at least float32.
+  Eigenvalue estimates, and slots whose name starts with one of
+  ``float32_slots``, stay at least float32.
   """
   factor_dtype = dtype if factor_dtype is None else factor_dtype
+  wide = jnp.promote_types(dtype, jnp.float32)
 
   def cast(x, to=dtype):
     return x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x
@@ -166,7 +174,8 @@ def _cast_state(state: KronState, dtype, factor_dtype=None) -> KronState:
       factors=tuple(cast(x, factor_dtype) for x in state.factors),
       bases=tuple(cast(x) for x in state.bases),
       eigvals=tuple(x.astype(_compute_dtype(dtype)) for x in state.eigvals),
-      slots={k: cast(v) for k, v in state.slots.items()},
+      slots={k: cast(v, wide if k.startswith(float32_slots) else dtype)
+             for k, v in state.slots.items()},
   )
 
 
@@ -199,7 +208,8 @@ def _step(config: _Config, tensor_plan, padded, leaves, groups, count):
       functools.partial(_run_groups, _update_tensor, config.parts),
       states, grads, count,
   )
-  new_states = tuple(_cast_state(s, config.dtype, config.factor_dtype) for s in new_states)
+  new_states = tuple(_cast_state(s, config.dtype, config.factor_dtype, config.float32_slots)
+                     for s in new_states)
   if sharding.context_mesh() is not None:
     outs = tuple(sharding.constrain(o, PartitionSpec()) for o in outs)
   return plan_lib.unpack(tensor_plan, outs, leaves), new_states
@@ -233,7 +243,8 @@ def _init(config: _Config, dimension_numbers, params) -> KronTransformState:
   groups = []
   for shape, n in zip(tensor_plan.group_shapes, tensor_plan.group_sizes):
     n = sharding.padded_stack_size(n, mesh)
-    one = _cast_state(_tensor_state(config.parts, shape), config.dtype, config.factor_dtype)
+    one = _cast_state(_tensor_state(config.parts, shape), config.dtype, config.factor_dtype,
+                      config.float32_slots)
     stack = jax.tree.map(lambda x, n=n: jnp.broadcast_to(x, (n,) + x.shape), one)
     if mesh is not None:
       stack = jax.tree.map(

@@ -308,8 +308,8 @@ def test_sweep_extends_past_an_edge_and_skips_diverged_runs():
   assert best == 8.0 and sorted(losses) == [4.0, 8.0, 16.0, 32.0]
 
 
-def test_horizon_and_width_benchmarks_run(tmp_path):
-  from kl_optax.benchmarks import horizon, width
+def test_horizon_benchmark_runs_and_merges(tmp_path):
+  from kl_optax.benchmarks import horizon
   tiny = ["--layers", "1", "--heads", "2", "--context", "8", "--batch", "2", "--val-batches", "1",
           "--max-extend", "0"]
   report = horizon.main([*tiny, "--d-model", "8", "--steps", "4", "--sweep-steps", "2",
@@ -327,10 +327,23 @@ def test_horizon_and_width_benchmarks_run(tmp_path):
   assert merged["optimizers"]["muon"] == report["optimizers"]["muon"]
   text = (tmp_path / "m" / "results.md").read_text()
   assert "| kl_shampoo |" in text and "| adamw |" in text and (tmp_path / "m" / "curves.png").exists()
+  # A run made with other settings (here: 3 steps instead of 4) is refused, and so is
+  # an optimizer that two directories both hold.
+  other = json.loads((tmp_path / "h2" / "runs.json").read_text())
+  other["args"]["steps"] = 3
+  (tmp_path / "h3").mkdir()
+  (tmp_path / "h3" / "runs.json").write_text(json.dumps(other))
   with pytest.raises(SystemExit, match="other settings"):
-    horizon.main([*tiny, "--d-model", "8", "--steps", "3", "--sweep-steps", "2", "--seeds", "1",
-                  "--evals", "1", "--optimizers", "adamw", "--out", str(tmp_path / "h3")])
     horizon.merge([str(tmp_path / "h"), str(tmp_path / "h3")], str(tmp_path / "m2"))
+  with pytest.raises(SystemExit, match="repeats"):
+    horizon.merge([str(tmp_path / "h"), str(tmp_path / "h2"), str(tmp_path / "h2")],
+                  str(tmp_path / "m3"))
+
+
+def test_width_benchmark_runs(tmp_path):
+  from kl_optax.benchmarks import width
+  tiny = ["--layers", "1", "--heads", "2", "--context", "8", "--batch", "2", "--val-batches", "1",
+          "--max-extend", "0"]
   results = width.main([*tiny, "--widths", "8,16", "--steps", "2", "--evals", "1",
                         "--optimizers", "kl_shampoo@init_factor=rms",
                         "--out", str(tmp_path / "w")])

@@ -8,18 +8,12 @@ non-refresh update is counted on the same parts without the refresh part.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 import kl_optax as P
+from kl_optax.benchmarks import flops
 
-
-def _xla_flops(tx, shape) -> float:
-  params = {"w": jnp.zeros(shape)}
-  state = tx.init(params)
-  cost = jax.jit(tx.update).lower(params, state, params).compile().cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+_xla_flops = flops.xla_flops  # compiled only: nothing runs
 
 
 def kl_shampoo_update_flops(m: int, n: int) -> int:
@@ -60,3 +54,26 @@ def test_soap_update_reaches_the_analytic_count(shape):
       P.shampoo_factor_update(0.95)), shape)
   analytic = soap_update_flops(m, n)
   assert analytic <= update <= 1.05 * analytic, (update, analytic)
+
+
+# ----------------------------------------------------------------------------
+# Every recipe against kl_optax.benchmarks.flops, at GPT-2-small matrix shapes
+# ----------------------------------------------------------------------------
+
+RECIPE_SHAPES = [(768, 768), (768, 3072), (3072, 768), (64, 96, 128)]
+
+
+@pytest.mark.parametrize("name", flops.RECIPES)
+def test_every_recipe_reaches_its_analytic_count(name):
+  for shape in RECIPE_SHAPES:
+    if name == "pro_kl_shampoo" and len(shape) != 2:
+      continue  # a 3-tensor takes Pro-KLShampoo's dense (KL-Shampoo) path
+    r = flops.measure(name, shape)
+    # Matrices: the products as written, plus O(size) elementwise work. 3-tensors:
+    # XLA also shares a mode product two of the A_k have in common (KL recipes).
+    low, high = (1.0, 1.05) if len(shape) == 2 else (0.9, 1.2)
+    assert low * r["analytic"] <= r["xla"] <= high * r["analytic"], r
+    # The refresh branch (XLA counts the larger branch of the conditional) adds its
+    # products and O(d²) elementwise work per mode.
+    rel = 0.05 if len(shape) == 2 else 0.1
+    assert r["xla_refresh"] == pytest.approx(r["analytic_refresh"], rel=rel), r

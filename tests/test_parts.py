@@ -432,3 +432,48 @@ def test_kl_statistics_saves_one_projection_in_xla_flops():
   fused = flops(kl_optax.kl_statistics(0.9))
   # Analytic: 6(m²n + mn²) apart, 4(m²n + mn²) + 2m²n fused: the saving is 2mn².
   assert apart - fused == pytest.approx(2 * m * n * n, rel=0.05), (apart, fused)
+
+
+def test_cached_inverse_roots_give_the_eigenbasis_direction():
+  # Shampoo's direction from the cached roots R_k equals the projection through the
+  # eigenbasis (the part it replaces), through refreshes, for a matrix and a 3-tensor.
+  def shampoo(direction, refresh):
+    return kl_optax.kron_transform(direction, kl_optax.adam_grafting(0.99, 1e-8),
+                                   kl_optax.momentum(0.9, bias_correction=True),
+                                   kl_optax.shampoo_factor_update(0.99), refresh)
+
+  old = shampoo(kl_optax.inverse_root(1e-6), kl_optax.eigh_basis_refresh(3))
+  new = shampoo(kl_optax.cached_inverse_root(),
+                kl_optax.eigh_basis_refresh(3, inverse_root_eps=1e-6))
+  params = {"w": jnp.zeros((6, 5)), "t": jnp.zeros((4, 3, 2))}
+  s_old, s_new = old.init(params), new.init(params)
+  key = jax.random.PRNGKey(0)
+  for t in range(13):   # t = 12 refreshes after its factor update
+    g = jax.tree.map(lambda x, t=t: jax.random.normal(jax.random.fold_in(key, t), x.shape), params)
+    u_old, s_old = old.update(g, s_old)
+    u_new, s_new = new.update(g, s_new)
+    for a, b in zip(jax.tree.leaves(u_old), jax.tree.leaves(u_new)):
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a))))
+  # The roots are (S + eps I)^{-1/4} of the refreshed factors, for a matrix.
+  group = next(g for g in s_new.groups if g.factors[0].shape[1:] == (6, 6))
+  s, root = np.asarray(group.factors[0][0], np.float64), np.asarray(group.slots["inverse_root_0"][0])
+  w, v = np.linalg.eigh(s)
+  np.testing.assert_allclose(root, (v * (np.maximum(w, 0) + 1e-6) ** -0.25) @ v.T, rtol=1e-3,
+                             atol=1e-3 * np.abs(root).max())
+
+
+def test_cached_inverse_roots_stay_float32_and_need_their_refresh():
+  tx = kl_optax.kron_transform(
+      kl_optax.cached_inverse_root(), kl_optax.shampoo_factor_update(0.99),
+      kl_optax.eigh_basis_refresh(10, inverse_root_eps=1e-12), state_dtype=jnp.bfloat16)
+  state = tx.init({"w": jnp.zeros((4, 3))})
+  slots = state.groups[0].slots
+  assert slots["inverse_root_0"].dtype == jnp.float32 and slots["inverse_root_1"].shape[1:] == (3, 3)
+  assert state.groups[0].bases[0].dtype == jnp.bfloat16   # the rest follows the storage dtype
+  lonely = kl_optax.kron_transform(kl_optax.cached_inverse_root(),
+                                   kl_optax.shampoo_factor_update(0.99))
+  g = {"w": jnp.ones((4, 3))}
+  with pytest.raises(ValueError, match="inverse_root_0.*eigh_basis_refresh"):
+    lonely.update(g, lonely.init(g))  # traced with the first update
+  with pytest.raises(ValueError, match="inverse_root_exponent needs inverse_root_eps"):
+    kl_optax.eigh_basis_refresh(10, inverse_root_exponent=0.25)

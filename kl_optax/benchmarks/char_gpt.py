@@ -41,25 +41,28 @@ __all__ = ["main", "state_floats_kl_shampoo"]
 
 # Tensor-shaped buffers each Kronecker recipe keeps per preconditioned matrix.
 TENSOR_BUFFERS = {"kl_shampoo": 1, "kl_soap": 2, "soap": 2, "shampoo": 2, "eshampoo": 2}
+# Square matrices per side: S and Q; Shampoo also keeps its inverse root.
+SQUARE_BUFFERS = {"shampoo": 3}
 
 
-def state_floats_kl_shampoo(m: int, n: int, buffers: int = 1) -> int:
-  """Analytic state of an m×n matrix: ``buffers`` m×n moments, S and Q per side, λ per side.
+def state_floats_kl_shampoo(m: int, n: int, buffers: int = 1, squares: int = 2) -> int:
+  """Analytic state of an m×n matrix: ``buffers`` m×n moments, ``squares`` square
+  matrices per side (S and Q), λ per side.
 
-  With ``buffers=1`` this is KL-Shampoo's ``mn + 2m² + 2n² + m + n``
+  With the defaults this is KL-Shampoo's ``mn + 2m² + 2n² + m + n``
   (``docs/math.md``, "Pro-KLShampoo").
   """
-  return buffers * m * n + 2 * m * m + 2 * n * n + m + n
+  return buffers * m * n + squares * (m * m + n * n) + m + n
 
 
-def analytic_state_bytes(params, labels, buffers: int = 1) -> int:
+def analytic_state_bytes(params, labels, buffers: int = 1, squares: int = 2) -> int:
   """Float32 bytes the optimizer state should take: the Kronecker count for 'kron' leaves,
   AdamW's two moments for the rest (step counters and refresh counters not included)."""
   total = 0
   for leaf, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
     shape = [d for d in leaf.shape if d != 1]
     if label == kl_optax.routing.KRON and len(shape) == 2:
-      total += 4 * state_floats_kl_shampoo(*shape, buffers=buffers)
+      total += 4 * state_floats_kl_shampoo(*shape, buffers=buffers, squares=squares)
     else:
       total += 4 * 2 * int(np.prod(leaf.shape))
   return total
@@ -186,7 +189,8 @@ def main(argv=None) -> dict:
   for name in names:
     base = name.split("@")[0]
     if base in TENSOR_BUFFERS:
-      analytic[name] = analytic_state_bytes(setup.params, labels, TENSOR_BUFFERS[base]) / setup.num_params
+      analytic[name] = analytic_state_bytes(setup.params, labels, TENSOR_BUFFERS[base],
+                                            SQUARE_BUFFERS.get(base, 2)) / setup.num_params
   report = {
       "command": "python -m kl_optax.benchmarks.char_gpt " + " ".join(sys.argv[1:] if argv is None else argv),
       "device": jax.devices()[0].device_kind,

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import kl_optax
-from kl_optax.benchmarks.char_gpt import TENSOR_BUFFERS, state_floats_kl_shampoo
+from kl_optax.benchmarks.char_gpt import SQUARE_BUFFERS, TENSOR_BUFFERS, state_floats_kl_shampoo
 from kl_optax.benchmarks.harness import state_bytes
 
 __all__ = ["measure", "main", "state_floats_pro_kl_shampoo"]
@@ -59,7 +59,7 @@ def measure(name: str, shape: tuple[int, int], **kwargs) -> dict:
                                                kwargs.get("accumulate", True))
     label = f"pro_kl_shampoo (rank {kwargs['rank']})"
   else:
-    analytic = 4 * state_floats_kl_shampoo(m, n, TENSOR_BUFFERS[name])
+    analytic = 4 * state_floats_kl_shampoo(m, n, TENSOR_BUFFERS[name], SQUARE_BUFFERS.get(name, 2))
     label = name
   return {"name": label, "shape": shape, "float_bytes": floats, "counter_bytes": counters,
           "analytic_bytes": analytic, "per_param": floats / (m * n),
