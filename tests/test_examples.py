@@ -418,3 +418,46 @@ def test_precision_benchmark_runs(tmp_path):
     assert r["orthogonality_float32"] < 1e-4 and r["orthogonality_bfloat16"] < 1e-4
     assert np.isfinite(r["val_float32"]) and np.isfinite(r["val_bfloat16"])
   assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
+
+
+def test_gpu_benchmark_runs_on_a_tiny_model(tmp_path):
+  from kl_optax.benchmarks import gpu
+  rows = gpu.main(["--d-model", "16", "--layers", "2", "--heads", "2", "--context", "8",
+                   "--vocab", "32", "--batch", "2", "--steps", "12",
+                   "--optimizers", "adamw,kl_shampoo", "--out", str(tmp_path)])
+  assert [(r["optimizer"], r["compute"]) for r in rows] == [
+      ("adamw", "float32"), ("kl_shampoo", "float32"), ("kl_shampoo", "bfloat16")]
+  for r in rows:
+    assert r["compile_s"] > 0 and r["ordinary_ms"] > 0 and r["ordinary_p95_ms"] >= r["ordinary_ms"]
+    assert np.isfinite(r["final_loss"]) and r["state_bytes"] > 0
+  assert rows[0]["refresh_ms"] is None                  # AdamW has no refresh steps
+  assert rows[1]["refresh_ms"] > 0                      # step 10 refreshed
+  assert "| kl_shampoo | bfloat16 |" in (tmp_path / "results.md").read_text()
+  # Refresh steps are counted apart from the ordinary ones; the first two steps are left out.
+  times = gpu.step_times([9.0, 5.0] + [1.0] * 8 + [4.0, 1.0], period=10)
+  assert times["ordinary_ms"] == 1e3 and times["refresh_ms"] == 4e3
+
+
+def test_cost_model_runs_on_a_tiny_model(tmp_path):
+  from kl_optax.benchmarks import cost, flops
+  rows = cost.main(["--models", "tiny", "--recipes", "adamw,kl_shampoo",
+                    "--compute", "float32,bfloat16", "--out", str(tmp_path)])
+  assert [(r["recipe"], r["compute"]) for r in rows] == [
+      ("adamw", "float32"), ("kl_shampoo", "float32"), ("kl_shampoo", "bfloat16")]
+  model = cost.MODELS["tiny"]
+  kl = rows[1]
+  # XLA's count of the matrices' ordinary updates is the analytic one (within elementwise work).
+  analytic = sum(n * flops.ordinary("kl_shampoo", s) for s, n in model.matrices().items())
+  ordinary = sum(n * cost.update_cost("kl_shampoo", s)["ordinary_flops"]
+                 for s, n in model.matrices().items())
+  assert analytic <= ordinary <= 1.3 * analytic
+  # A projection: the fraction is the roofline time over fwd+bwd at the bf16 peak.
+  peak = cost.ACCELERATORS["H100 SXM"]
+  t = max(kl["flops"] / peak["float32"], kl["bytes"] / peak["bandwidth"])
+  assert kl["fraction_524288"] == pytest.approx(
+      t / (cost.model_flops(model, 524288) / peak["bfloat16"]))
+  bf16 = rows[2]   # the same roofline at the bfloat16 peak
+  t = max(bf16["flops"] / peak["bfloat16"], bf16["bytes"] / peak["bandwidth"])
+  assert bf16["update_ms"] == pytest.approx(1e3 * t)
+  assert kl["state_bytes"] > rows[0]["state_bytes"]
+  assert (tmp_path / "cost.png").exists() and "projection" in (tmp_path / "results.md").read_text().lower()

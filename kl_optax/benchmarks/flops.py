@@ -31,7 +31,7 @@ import argparse
 import math
 from collections.abc import Sequence
 
-__all__ = ["RECIPES", "main", "ordinary", "refresh", "xla_flops"]
+__all__ = ["RECIPES", "main", "measure", "ordinary", "ordinary_transform", "refresh", "xla_flops"]
 
 RECIPES = ("kl_shampoo", "kl_soap", "soap", "shampoo", "eshampoo", "pro_kl_shampoo")
 
@@ -130,8 +130,11 @@ def xla_flops(tx, shape: Sequence[int]) -> float:
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
 
-def _ordinary_transform(name: str):
-  """The recipe's parts without its refresh part (XLA counts a conditional's larger branch)."""
+def ordinary_transform(name: str, rank: int | None = 128, **options):
+  """The recipe's parts without its refresh part (XLA counts a conditional's larger branch).
+
+  ``options`` go to ``kron_transform`` (``compute_dtype``, ``matmul_precision``).
+  """
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   import kl_optax as P  # pylint: disable=import-outside-toplevel
@@ -149,16 +152,16 @@ def _ordinary_transform(name: str):
       "eshampoo": (P.momentum(0.9, bias_correction=True),
                    P.eigenvalue_corrected_whiten(0.95, 1e-8), P.shampoo_factor_update(0.95)),
       "pro_kl_shampoo": (P.momentum(0.9), P.spike_flat_whiten(1e-8),
-                         P.spike_flat_projection(128, 0.98, 10)),
+                         P.spike_flat_projection(128 if rank is None else rank, 0.98, 10)),
   }[name]
-  return P.kron_transform(*parts)
+  return P.kron_transform(*parts, **options)
 
 
 def measure(name: str, shape: Sequence[int]) -> dict:
   """Analytic and XLA counts of one recipe's ordinary update and refresh for ``shape``."""
   import kl_optax as P  # pylint: disable=import-outside-toplevel
 
-  update = xla_flops(_ordinary_transform(name), shape)
+  update = xla_flops(ordinary_transform(name), shape)
   full = xla_flops(getattr(P, f"scale_by_{name}")(), shape)
   return {"name": name, "shape": tuple(shape), "analytic": ordinary(name, shape),
           "xla": update, "analytic_refresh": refresh(name, shape), "xla_refresh": full - update}
