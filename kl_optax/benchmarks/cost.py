@@ -51,10 +51,15 @@ class Model:
   """A decoder-only transformer's weight shapes.
 
   Attributes:
-    d: width. layers: blocks. mlp: hidden width of the MLP. vocab: vocabulary.
-    context: sequence length. gated: a SwiGLU MLP (three matrices) instead of two.
-    tied: input and output embeddings shared. fused_qkv: one ``d × 3d`` matrix for
-    the attention's inputs (GPT-2) instead of three ``d × d`` (LLaMA).
+    d: width.
+    layers: blocks.
+    mlp: hidden width of the MLP.
+    vocab: vocabulary size.
+    context: sequence length.
+    gated: a SwiGLU MLP (three matrices) instead of two.
+    tied: input and output embeddings shared.
+    fused_qkv: one ``d × 3d`` matrix for the attention's inputs (GPT-2) instead of
+      three ``d × d`` (LLaMA).
     source: where the configuration comes from.
   """
 

@@ -69,7 +69,8 @@ def ordinary(name: str, shape: Sequence[int], *, rank: int = 128, ns_steps: int 
     name: one of ``RECIPES``.
     shape: the preconditioned tensor's mode sizes (a matrix for ``pro_kl_shampoo``,
       whose spike-and-flat path is counted; ``rank`` below the larger dim).
-    rank, ns_steps: Pro-KLShampoo's rank and Newton–Schulz steps.
+    rank: Pro-KLShampoo's rank.
+    ns_steps: Pro-KLShampoo's Newton–Schulz steps.
   """
   n, d = _nd(shape)
   k = len(shape)
