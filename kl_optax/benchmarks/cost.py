@@ -152,6 +152,9 @@ def update_cost(name: str, shape: tuple[int, int], compute: str = "float32",
   the refresh (the refresh branch of the whole update's conditional is counted
   separately and divided by ``precondition_frequency``).
   """
+  if compute == "high":
+    # The matmul precision changes neither the FLOPs nor the bytes, only the rate.
+    return update_cost(name, shape, "float32", rank, precondition_frequency)
   full_flops, full_bytes, state = _compiled_cost(_recipe(name, compute, rank), shape)
   if name in flops.RECIPES and (name != "pro_kl_shampoo" or rank < max(shape)):
     ordinary, ordinary_bytes, _ = _compiled_cost(
