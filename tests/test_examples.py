@@ -461,3 +461,11 @@ def test_cost_model_runs_on_a_tiny_model(tmp_path):
   assert bf16["update_ms"] == pytest.approx(1e3 * t)
   assert kl["state_bytes"] > rows[0]["state_bytes"]
   assert (tmp_path / "cost.png").exists() and "projection" in (tmp_path / "results.md").read_text().lower()
+
+
+def test_gpu_benchmark_script_parses_and_explains_itself():
+  import subprocess
+  script = os.path.join(ROOT, "examples", "gpu_benchmark.sh")
+  assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
+  out = subprocess.run(["bash", script], capture_output=True, text=True, check=False)
+  assert out.returncode == 2 and "prepare | run" in out.stderr
