@@ -1011,7 +1011,8 @@ def eigh_basis_refresh(
   """
   tol = _static_tolerance(tolerance)
   if inverse_root_eps is not None:
-    validation.check_range("inverse_root_eps", inverse_root_eps, 0.0, None)
+    # eps > 0: a zero eigenvalue (clipped) would make the roots infinite.
+    validation.check_range("inverse_root_eps", inverse_root_eps, 0.0, None, low_open=True)
   elif inverse_root_exponent is not None:
     raise ValueError("eigh_basis_refresh: inverse_root_exponent needs inverse_root_eps.")
   if inverse_root_exponent is not None:
@@ -1071,6 +1072,9 @@ def eigh_basis_refresh(
 
   # Shampoo's inverse roots use these eigenvalues: a bfloat16-stored factor would lose
   # its small eigenvalues (its loss on a regression was 7x float32's), so keep it float32.
+  # The roots always match the bases and eigenvalues, from the initial state on (so a
+  # skipped initialization step leaves the initial roots, not zeros).
   return Part(update=update, first_update=first_update, init_slots=init_slots,
+              init_state=with_roots if inverse_root_eps is not None else None,
               name="eigh_basis_refresh", float32_factors=True,
               float32_slots=(INVERSE_ROOT,) if inverse_root_eps is not None else ())

@@ -477,3 +477,14 @@ def test_cached_inverse_roots_stay_float32_and_need_their_refresh():
     lonely.update(g, lonely.init(g))  # traced with the first update
   with pytest.raises(ValueError, match="inverse_root_exponent needs inverse_root_eps"):
     kl_optax.eigh_basis_refresh(10, inverse_root_exponent=0.25)
+  with pytest.raises(ValueError, match="inverse_root_eps"):
+    kl_optax.eigh_basis_refresh(10, inverse_root_eps=0.0)   # infinite roots for λ = 0
+  # The initial roots match the initial Q = I, λ = 1; an initialization step skipped for an
+  # overflowing gradient keeps them, so the next step still has a direction.
+  np.testing.assert_allclose(slots["inverse_root_0"][0], np.eye(4) * (1 + 1e-12) ** -0.25)
+  tx = kl_optax.scale_by_shampoo()
+  huge = {"w": jnp.full((4, 3), 1e25)}
+  s = tx.init(huge)
+  _, s = tx.update(huge, s)                       # overflowing statistics: skipped
+  u, _ = tx.update({"w": jnp.ones((4, 3))}, s)
+  assert float(jnp.max(jnp.abs(u["w"]))) > 0

@@ -18,8 +18,9 @@ is not preconditioned). Per step:
 * projected update time ``t_upd = max(F_upd / peak(dtype), B_upd / bandwidth)``,
   the roofline of the whole update (optimistic: it assumes full use of one of the
   two);
-* forward+backward FLOPs ``F_model = 6 N T + 12 L d s T`` for ``N`` non-embedding
-  parameters, ``T`` tokens per step, ``L`` layers, width ``d``, context ``s``, at
+* forward+backward FLOPs ``F_model = 6 (N + V d) T + 12 L d s T`` for ``N``
+  matrix parameters of the blocks, the output head's ``V d`` (vocabulary × width),
+  ``T`` tokens per step, ``L`` layers, width ``d``, context ``s``, at
   the bfloat16 peak: ``t_model = F_model / peak(bf16)``, equally optimistic.
 
 Reported: ``t_upd / t_model`` at 0.5 M and 64 k tokens per step, per recipe and per
@@ -156,6 +157,8 @@ def update_cost(name: str, shape: tuple[int, int], compute: str = "float32",
     # The matmul precision changes neither the FLOPs nor the bytes, only the rate.
     return update_cost(name, shape, "float32", rank, precondition_frequency)
   full_flops, full_bytes, state = _compiled_cost(_recipe(name, compute, rank), shape)
+  if name == "pro_kl_shampoo" and rank is None:
+    rank = 128  # the recipe's default
   if name in flops.RECIPES and (name != "pro_kl_shampoo" or rank < max(shape)):
     ordinary, ordinary_bytes, _ = _compiled_cost(
         flops.ordinary_transform(name, rank=rank, **COMPUTE[compute]), shape)
@@ -168,8 +171,14 @@ def update_cost(name: str, shape: tuple[int, int], compute: str = "float32",
 
 
 def model_flops(model: Model, tokens: int) -> float:
-  """Forward+backward FLOPs of one step: ``6 N T + 12 L d s T``."""
-  return 6 * model.matrix_params() * tokens + 12 * model.layers * model.d * model.context * tokens
+  """Forward+backward FLOPs of one step: ``6 (N + V d) T + 12 L d s T``.
+
+  ``N``: the blocks' matrix parameters; ``V d``: the output head's logits product
+  (tied or not); ``12 L d s``: attention scores and their use, per token.
+  """
+  head = model.vocab * model.d
+  return (6 * (model.matrix_params() + head) * tokens
+          + 12 * model.layers * model.d * model.context * tokens)
 
 
 def _adamw_other(model: Model) -> dict:

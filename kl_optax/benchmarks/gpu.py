@@ -13,7 +13,7 @@ step's peak memory and the device's peak so far (``memory_stats()``, where the
 backend has it; it never resets within a process). Writes ``results.json`` and
 ``results.md`` to ``--out``.
 
-The model is the package's GPT (``kl_optax.models.GPT``) with scanned blocks, at
+The model is the package's GPT (``kl_optax.models.GPT``), unrolled blocks, at
 GPT-2 small's shape by default (d 768, 12 layers, 12 heads, context 1024, vocabulary
 50257; its output head is not tied to the embedding, so 163 M parameters), trained with the suite's optimizers
 (``kl_optax.benchmarks.optimizers``: embeddings, norms and biases on AdamW).
@@ -80,8 +80,10 @@ def _peak_bytes() -> int | None:
 
 def main(argv=None) -> list[dict]:
   args = _parse(argv)
+  if args.steps < 3:
+    raise SystemExit("--steps must be at least 3 (the first two steps are not timed)")
   config = models.GPTConfig(vocab_size=args.vocab, context=args.context, d_model=args.d_model,
-                            n_layers=args.layers, n_heads=args.heads, scan=True)
+                            n_layers=args.layers, n_heads=args.heads)
   setup = harness.make_setup(models.GPT(config, nnx.Rngs(0)), models.loss_fn)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, args.vocab, size=(args.steps + 1, args.batch, args.context + 1),
@@ -96,8 +98,7 @@ def main(argv=None) -> list[dict]:
       kwargs = {}
       if name in KRONECKER:
         kwargs["layout"] = kl_optax.Layout(
-            precondition_mask=kl_optax.exclude(*models.ADAM_LEAVES),
-            dimension_numbers=models.SCANNED, **COMPUTE[compute])
+            precondition_mask=kl_optax.exclude(*models.ADAM_LEAVES), **COMPUTE[compute])
       tx = make_optimizer(name, 1e-3, args.steps, **kwargs)
       result = harness.train(setup, tx, batches, [batches(args.steps)], args.steps,
                              name=name, eval_every=args.steps)
