@@ -266,7 +266,7 @@ def _plot(path, rows, t, args):
 
   models = list(dict.fromkeys(r["model"] for r in rows))
   labels = list(dict.fromkeys(f"{r['recipe']}, {r['compute']}" for r in rows))
-  fig, ax = plt.subplots(figsize=(9, 0.28 * len(labels) * len(models) + 1.5))
+  fig, ax = plt.subplots(figsize=(9, 0.32 * len(labels) + 1.5))
   height = 0.8 / len(models)
   for i, m in enumerate(models):
     vals = {f"{r['recipe']}, {r['compute']}": 100 * r[f"fraction_{t}"] for r in rows
@@ -276,7 +276,7 @@ def _plot(path, rows, t, args):
   ax.set_yticks(np.arange(len(labels)) + 0.4 - height / 2, labels, fontsize=7)
   ax.invert_yaxis()
   ax.set_xscale("log")
-  ax.axvline(5, color="k", lw=0.8, ls="--")
+  ax.axvline(5, color="k", lw=0.8, ls="--", label="5 %")
   ax.set_xlabel(f"projected update time, % of forward+backward at {t:,} tokens/step "
                 f"({args.accelerator}, a projection)")
   ax.legend(fontsize=8)
