@@ -1011,8 +1011,9 @@ def eigh_basis_refresh(
   """
   tol = _static_tolerance(tolerance)
   if inverse_root_eps is not None:
-    # eps > 0: a zero eigenvalue (clipped) would make the roots infinite.
-    validation.check_range("inverse_root_eps", inverse_root_eps, 0.0, None, low_open=True)
+    # As in inverse_root, eps = 0 is allowed: an exactly zero eigenvalue then gives an
+    # infinite root, and the tensor skips its steps as non-finite until a refresh.
+    validation.check_range("inverse_root_eps", inverse_root_eps, 0.0, None)
   elif inverse_root_exponent is not None:
     raise ValueError("eigh_basis_refresh: inverse_root_exponent needs inverse_root_eps.")
   if inverse_root_exponent is not None:

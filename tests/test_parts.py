@@ -478,7 +478,7 @@ def test_cached_inverse_roots_stay_float32_and_need_their_refresh():
   with pytest.raises(ValueError, match="inverse_root_exponent needs inverse_root_eps"):
     kl_optax.eigh_basis_refresh(10, inverse_root_exponent=0.25)
   with pytest.raises(ValueError, match="inverse_root_eps"):
-    kl_optax.eigh_basis_refresh(10, inverse_root_eps=0.0)   # infinite roots for λ = 0
+    kl_optax.eigh_basis_refresh(10, inverse_root_eps=-1.0)
   # The initial roots match the initial Q = I, λ = 1; an initialization step skipped for an
   # overflowing gradient keeps them, so the next step still has a direction.
   np.testing.assert_allclose(slots["inverse_root_0"][0], np.eye(4) * (1 + 1e-12) ** -0.25)
