@@ -319,9 +319,9 @@ def test_horizon_benchmark_runs_and_merges(tmp_path):
   assert len(report["optimizers"]["muon"]["long_runs"]) == 2
   assert "Ordering at 4 steps" in (tmp_path / "h" / "results.md").read_text()
   # Runs split over two processes combine into one report, as if run together.
-  horizon.main([*tiny, "--d-model", "8", "--steps", "4", "--sweep-steps", "2",
-                "--seeds", "2", "--evals", "2", "--optimizers", "kl_shampoo",
-                "--out", str(tmp_path / "h2")])
+  report2 = horizon.main([*tiny, "--d-model", "8", "--steps", "4", "--sweep-steps", "2",
+                          "--seeds", "2", "--evals", "2", "--optimizers", "kl_shampoo",
+                          "--out", str(tmp_path / "h2")])
   merged = horizon.merge([str(tmp_path / "h"), str(tmp_path / "h2")], str(tmp_path / "m"))
   assert list(merged["optimizers"]) == ["adamw", "muon", "kl_shampoo"]
   assert merged["optimizers"]["muon"] == report["optimizers"]["muon"]
@@ -338,6 +338,28 @@ def test_horizon_benchmark_runs_and_merges(tmp_path):
   with pytest.raises(SystemExit, match="repeats"):
     horizon.merge([str(tmp_path / "h"), str(tmp_path / "h2"), str(tmp_path / "h2")],
                   str(tmp_path / "m3"))
+  # The seeds of one optimizer can run in separate processes without a second sweep:
+  # seed 1 alone reproduces seed 1 of the run above, and a third seed merges into it.
+  lr = report2["optimizers"]["kl_shampoo"]["learning_rate"]
+  fixed = [*tiny, "--d-model", "8", "--steps", "4", "--sweep-steps", "2", "--seeds", "1",
+           "--evals", "2", "--optimizers", "kl_shampoo", "--learning-rate", str(lr)]
+  alone = horizon.main([*fixed, "--first-seed", "1", "--out", str(tmp_path / "s1")])
+  entry = alone["optimizers"]["kl_shampoo"]
+  assert entry["seeds"] == [1] and entry["sweep"] == {} and entry["short"] is None
+  np.testing.assert_array_equal(entry["long_runs"][0]["val_loss"],
+                                report2["optimizers"]["kl_shampoo"]["long_runs"][1]["val_loss"])
+  horizon.main([*fixed, "--first-seed", "2", "--out", str(tmp_path / "s2")])
+  merged = horizon.merge([str(tmp_path / "h2"), str(tmp_path / "s2")], str(tmp_path / "m4"))
+  combined = merged["optimizers"]["kl_shampoo"]
+  assert combined["seeds"] == [0, 1, 2] and len(combined["long_runs"]) == 3
+  assert combined["sweep"] == report2["optimizers"]["kl_shampoo"]["sweep"]
+  np.testing.assert_allclose(
+      combined["long_mean"], np.mean([r["val_loss"][-1] for r in combined["long_runs"]]))
+  assert "(seeds 0/1/2)" in (tmp_path / "m4" / "results.md").read_text()
+  with pytest.raises(SystemExit, match="repeats"):  # seed 1 twice
+    horizon.merge([str(tmp_path / "h2"), str(tmp_path / "s1")], str(tmp_path / "m5"))
+  with pytest.raises(SystemExit, match="--learning-rate must be positive"):
+    horizon.main([*fixed, "--learning-rate", "0", "--out", str(tmp_path / "bad")])
 
 
 def test_width_benchmark_runs(tmp_path):
