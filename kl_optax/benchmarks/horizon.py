@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
   # The sweep always uses seed 0; without a sweep only the long runs' seeds are needed.
   needed = sorted(set(seeds) | ({0} if args.learning_rate is None else set()))
   works = {seed: _work(args, seed) for seed in needed}
-  work0, setup0 = works[needed[0]]
+  _, setup0 = works[needed[0]]
   print(f"device: {jax.devices()[0].device_kind}; model: {setup0.num_params:,} parameters "
         f"(d {args.d_model}, {args.layers} layers, context {args.context}, batch {args.batch})",
         flush=True)
