@@ -491,3 +491,36 @@ def test_gpu_benchmark_script_parses_and_explains_itself():
   assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
   out = subprocess.run(["bash", script], capture_output=True, text=True, check=False)
   assert out.returncode == 2 and "prepare | run" in out.stderr
+
+
+def test_port_benchmark_runs_with_a_stand_in_port(tmp_path, monkeypatch):
+  """The port is not a dependency: a missing one is named with its install command, and
+  the benchmark's machinery runs against a stand-in with kl_optax's own paper settings."""
+  import sys
+  import types
+
+  from kl_optax.benchmarks import port
+  monkeypatch.setitem(sys.modules, "kl_shampoo_jax", None)   # import fails
+  with pytest.raises(SystemExit, match="pip install git"):
+    port.main(["--widths", "8", "--out", str(tmp_path / "none")])
+  stand_in = types.ModuleType("kl_shampoo_jax")
+  stand_in.kl_shampoo_with_adamw = lambda schedule, weight_decay, kl_kwargs: kl_optax.kl_shampoo(
+      schedule, weight_decay=weight_decay, init_factor=kl_kwargs["init_factor"],
+      spike_threshold=None)
+  monkeypatch.setitem(sys.modules, "kl_shampoo_jax", stand_in)
+  with pytest.raises(SystemExit, match="--steps must be at least 21"):
+    port.main(["--widths", "8", "--steps", "12", "--out", str(tmp_path / "short")])
+  report = port.main(["--widths", "8", "--layers", "1", "--heads", "2", "--context", "8",
+                      "--batch", "2", "--steps", "21", "--compile-repeats", "1",
+                      "--out", str(tmp_path / "p")])
+  for d in (8,):
+    out = report["widths"][d]
+    assert out["max_loss_gap"] == 0.0   # the stand-in is the same program
+    rows = {r["optimizer"]: r for r in out["rows"]}
+    assert list(rows) == ["adamw", "kl_optax", "kl_optax (port's settings)", "port"]
+    assert rows["adamw"]["refresh_ms"] is None and rows["port"]["refresh_ms"] > 0
+    assert all(r["compile_s"] > 0 and r["ordinary_ms"] > 0 and len(r["loss"]) == 21
+               for r in rows.values())
+    assert rows["kl_optax (port's settings)"]["state_bytes"] == rows["port"]["state_bytes"]
+  text = (tmp_path / "p" / "results.md").read_text()
+  assert "d_model 8" in text and "| port |" in text and "refresh / ordinary" in text
