@@ -45,6 +45,7 @@ __all__ = [
     "other_modes_product",
     "outer_product",
     "project",
+    "shared_decompositions",
     "project_back",
     "qr_orthonormal",
     "qr_power_step",
@@ -319,20 +320,57 @@ def _qr_orthonormal_jvp(primals, tangents):
   return q, jnp.matmul(q, lower - lower.T - qt_dx_rinv, precision=HIGHEST) + dx_rinv
 
 
+_DECOMPOSITIONS: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "kl_optax_decompositions", default=None)
+
+
+@contextlib.contextmanager
+def shared_decompositions() -> Iterator[None]:
+  """Inside the block, [`eigh_descending`][kl_optax.kron.eigh_descending] of one array object is computed once.
+
+  Two parts that decompose the same traced factor (an eigenvalue start and a
+  basis on the initialization step) then share one decomposition, instead of
+  compiling and running two. The cache holds the arrays themselves (compared
+  with ``is``) and ends with the block.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from kl_optax import kron
+    >>> s = jnp.diag(jnp.array([1.0, 3.0]))
+    >>> with kron.shared_decompositions():
+    ...   a = kron.eigh_descending(s)
+    ...   b = kron.eigh_descending(s)
+    >>> a is b, [float(w) for w in a[0]]
+    (True, [3.0, 1.0])
+  """
+  token = _DECOMPOSITIONS.set([])
+  try:
+    yield
+  finally:
+    _DECOMPOSITIONS.reset(token)
+
+
 def eigh_descending(s: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Eigendecomposition of a symmetric matrix, eigenvalues in descending order.
 
   The matrix is symmetrized and decomposed in float32 (or wider, if given).
+  Inside [`shared_decompositions`][kl_optax.kron.shared_decompositions] a second call on the same array
+  returns the first call's result.
 
   Returns:
     ``(eigenvalues, eigenvectors)`` with ``eigenvectors[:, i]`` belonging to
     ``eigenvalues[i]`` and ``eigenvalues[0]`` the largest.
   """
+  memo = _DECOMPOSITIONS.get()
+  for x, out in memo or ():
+    if x is s:
+      return out
   dtype = jnp.promote_types(s.dtype, jnp.float32)
-  s = s.astype(dtype)
-  s = 0.5 * (s + s.T)
-  w, v = _eigh(s)
-  return w[::-1], v[:, ::-1]
+  w, v = _eigh(0.5 * (s.astype(dtype) + s.astype(dtype).T))
+  out = (w[::-1], v[:, ::-1])
+  if memo is not None:
+    memo.append((s, out))
+  return out
 
 
 def qr_orthonormal(x: jax.Array) -> jax.Array:

@@ -715,7 +715,16 @@ def kl_statistics(
   eig_part = ema_eigenvalues(b2, init_factor=init_factor, max_clamp=max_clamp, damping=damping)
 
   def first_update(step: TensorStep) -> TensorStep:
-    return eig_part.first_update(factor_part.first_update(step))
+    step = factor_part.first_update(step)
+    if init_factor != "spectrum":
+      return eig_part.first_update(step)
+    # The marginal moments are the eigenvalues of S_k / (1 − b2): the factor the
+    # basis is started from, so that within kron.shared_decompositions (the
+    # initialization step) one eigendecomposition serves both.
+    scale = 1.0 - _f32(b2)
+    moments = [kron.eigh_descending(s)[0] / scale for s in step.state.factors]
+    return step._replace(state=step.state._replace(
+        eigvals=scaled_start("spectrum", step.grad, moments)))
 
   def init_slots(shape: Shape) -> dict[str, jax.Array]:
     if order == "authors" and len(shape) > 3:

@@ -127,7 +127,8 @@ def _initialize_tensor(parts, state: KronState, grad: jax.Array, count: jax.Arra
   finite = jnp.all(jnp.isfinite(grad))
   grad = jnp.where(finite, grad, 0.0)
   fns = [p.first_update for p in parts if p.first_update is not None]
-  new = _run(fns, state, grad, count).state
+  with kron.shared_decompositions():  # e.g. the eigenvalue start and the basis: one eigh
+    new = _run(fns, state, grad, count).state
   return _guard(state, new, _all_finite(new, state), finite), jnp.zeros_like(grad)
 
 
