@@ -232,8 +232,10 @@ def _write(report: dict, args, argv, params: int | None) -> None:
     seeds = "/".join(str(k) for k in o.get("seeds", []))
     lines.append(f"| {n} | {o['learning_rate']:g} | {swept} | {o['long_mean']:.4f} ± "
                  f"{o['long_std']:.4f} (seeds {seeds}) | {grid} |")
-  lines += ["", f"Ordering at {args.sweep_steps} steps: {_ordering(short)}",
-            f"Ordering at {args.steps} steps: {_ordering(long)}"]
+  lines += [""]
+  if short:
+    lines.append(f"Ordering at {args.sweep_steps} steps: {_ordering(short)}")
+  lines.append(f"Ordering at {args.steps} steps: {_ordering(long)}")
   rows = [{"optimizer": n, **{k: v for k, v in o.items() if k != "long_runs"}}
           for n, o in opts.items()]
   harness.write_report(args.out, "kl_optax.benchmarks.horizon", argv, rows, lines)
