@@ -488,3 +488,21 @@ def test_cached_inverse_roots_stay_float32_and_need_their_refresh():
   _, s = tx.update(huge, s)                       # overflowing statistics: skipped
   u, _ = tx.update({"w": jnp.ones((4, 3))}, s)
   assert float(jnp.max(jnp.abs(u["w"]))) > 0
+
+
+def test_spectrum_start_shares_the_bases_eigendecomposition():
+  """On the initialization step the "spectrum" start and the starting basis decompose the
+  same factor: one eigh per mode is compiled, and the start is still the rule's."""
+  import re
+  g = jax.random.normal(jax.random.PRNGKey(3), (6, 5))
+  tx = kl_optax.scale_by_kl_shampoo()   # init_factor="spectrum"
+  state = tx.init(g)
+  hlo = jax.jit(tx.update).lower(g, state).compile().as_text()
+  assert len(re.findall(r'custom_call_target="[a-z_]*syevd[a-z_]*"', hlo)) == 2   # one per mode
+  _, state = tx.update(g, state)
+  expected = kl_optax.initial_eigenvalues("spectrum", g)
+  for got, want in zip(state.groups[0].eigvals, expected):
+    np.testing.assert_allclose(got[0], want, rtol=1e-5)
+  # Outside the initialization step nothing is shared: two calls, two decompositions.
+  s = jnp.diag(jnp.array([2.0, 1.0]))
+  assert kl_optax.kron.eigh_descending(s) is not kl_optax.kron.eigh_descending(s)
