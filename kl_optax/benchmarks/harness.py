@@ -37,6 +37,7 @@ __all__ = [
     "per_device_bytes",
     "state_bytes",
     "train",
+    "train_step",
     "update_cost",
     "warmup_cosine",
     "write_report",
@@ -151,12 +152,15 @@ class RunResult:
     return out
 
 
-def _train_step(setup: TrainSetup, tx: optax.GradientTransformation):
-  def train_step(params, opt_state, rest, inputs, targets):
+def train_step(setup: TrainSetup, tx: optax.GradientTransformation) -> Callable:
+  """The function ``step(params, opt_state, rest, inputs, targets) -> (params, opt_state,
+  loss)`` the benchmarks jit: one optimizer step on ``setup.loss`` (a new function on
+  every call, so that each ``jax.jit`` of it compiles afresh)."""
+  def step(params, opt_state, rest, inputs, targets):
     loss, grads = jax.value_and_grad(setup.loss)(params, rest, inputs, targets)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
-  return train_step
+  return step
 
 
 def train(
@@ -195,7 +199,7 @@ def train(
   opt_state = tx.init(params)
   x0, y0 = batches(0)
   t0 = time.perf_counter()
-  step_fn = jax.jit(_train_step(setup, tx), donate_argnums=(0, 1)).lower(
+  step_fn = jax.jit(train_step(setup, tx), donate_argnums=(0, 1)).lower(
       params, opt_state, setup.rest, x0, y0).compile()
   compile_seconds = time.perf_counter() - t0
 
