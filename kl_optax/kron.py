@@ -366,7 +366,8 @@ def eigh_descending(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     if x is s:
       return out
   dtype = jnp.promote_types(s.dtype, jnp.float32)
-  w, v = _eigh(0.5 * (s.astype(dtype) + s.astype(dtype).T))
+  x = s.astype(dtype)
+  w, v = _eigh(0.5 * (x + x.T))
   out = (w[::-1], v[:, ::-1])
   if memo is not None:
     memo.append((s, out))
