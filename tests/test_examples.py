@@ -371,6 +371,16 @@ def test_width_benchmark_runs(tmp_path):
                         "--out", str(tmp_path / "w")])
   assert set(results["kl_shampoo@init_factor=rms"]) == {8, 16}
   assert (tmp_path / "w" / "width.png").exists()
+  # Two seeds: each learning rate keeps both losses, and their mean picks the best.
+  two = width.main([*tiny, "--widths", "8", "--steps", "2", "--evals", "1", "--seeds", "2",
+                    "--optimizers", "adamw", "--out", str(tmp_path / "w2")])["adamw"][8]
+  assert set(two["seeds"]) == set(two["sweep"])
+  for lr, losses in two["seeds"].items():
+    assert len(losses) == 2 and losses[0] != losses[1]
+    assert two["sweep"][lr] == pytest.approx(np.mean(losses))
+  assert two["loss"] == min(two["sweep"].values())
+  with pytest.raises(SystemExit, match="--seeds must be at least 1"):
+    width.main([*tiny, "--seeds", "0", "--out", str(tmp_path / "w0")])
 
 
 def test_every_task_builds_and_has_a_finite_loss():

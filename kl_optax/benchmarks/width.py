@@ -13,6 +13,10 @@ the smallest of them (1 = perfect transfer), and the best validation loss at
 each width; plotted: validation loss against learning rate, one panel per
 width.
 
+With ``--seeds N`` every learning rate is trained with N seeds (model
+initialization, batches and validation text), and the mean validation loss
+decides the best one; ``sweeps.json`` keeps each seed's loss.
+
 Outputs in ``--out``: ``results.json``, ``results.md`` and ``width.png``.
 """
 
@@ -41,6 +45,9 @@ def _parse(argv):
                  help="comma-separated names; 'name@key=value' passes keyword arguments")
   p.add_argument("--max-extend", type=int, default=3)
   p.add_argument("--evals", type=int, default=5)
+  p.add_argument("--seeds", type=int, default=1,
+                 help="seeds per learning rate (--seed, --seed + 1, …); their mean validation "
+                      "loss picks the best learning rate")
   p.add_argument("--merge", metavar="DIR",
                  help="also report the optimizers of an earlier run's DIR/sweeps.json (same widths)")
   p.add_argument("--out", default="runs/width")
@@ -53,26 +60,36 @@ def main(argv=None) -> dict:
   widths = [int(w) for w in args.widths.split(",")]
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
   results: dict[str, dict[int, dict]] = {n: {} for n in names}
+  if args.seeds < 1:
+    raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
+  seeds = list(range(args.seed, args.seed + args.seeds))
   for width in widths:
-    ns = argparse.Namespace(**{**vars(args), "d_model": width})
-    work = workload.from_args(ns)
-    setup = harness.make_setup(work.model(), models.loss_fn)
-    print(f"width {width}: {setup.num_params:,} parameters", flush=True)
+    runs = []  # (workload, setup) per seed
+    for seed in seeds:
+      work = workload.from_args(argparse.Namespace(**{**vars(args), "d_model": width,
+                                                      "seed": seed}))
+      runs.append((work, harness.make_setup(work.model(), models.loss_fn)))
+    print(f"width {width}: {runs[0][1].num_params:,} parameters", flush=True)
     for name in names:
       base, kwargs = harness.parse_variant(name)
+      per_seed: dict[float, list[float]] = {}
 
-      def run(lr, base=base, kwargs=kwargs, name=name):
-        tx = make_optimizer(base, lr, args.steps, **kwargs)
-        r = harness.train(setup, tx, work.batches, work.val, args.steps, name=name,
-                          learning_rate=lr, eval_every=max(1, args.steps // args.evals))
-        loss = float("nan") if r.diverged else r.final_val
-        print(f"  {name:28s} lr {lr:<8.3g} val {loss:.4f}", flush=True)
-        return loss
+      def run(lr, base=base, kwargs=kwargs, name=name, per_seed=per_seed):
+        losses = []
+        for seed, (work, setup) in zip(seeds, runs):
+          tx = make_optimizer(base, lr, args.steps, **kwargs)
+          r = harness.train(setup, tx, work.batches, work.val, args.steps, name=name,
+                            learning_rate=lr, eval_every=max(1, args.steps // args.evals))
+          losses.append(float("nan") if r.diverged else r.final_val)
+          print(f"  {name:28s} lr {lr:<8.3g} seed {seed} val {losses[-1]:.4f}", flush=True)
+        per_seed[lr] = losses
+        return float(np.mean(losses))  # NaN if any seed diverged
 
       center = QUICK_LEARNING_RATES["char_gpt"][base]
       best, losses = sweep(run, [center / 2, center, center * 2], args.max_extend)
       results[name][width] = {"best": best, "loss": losses[best],
-                              "sweep": {str(k): v for k, v in sorted(losses.items())}}
+                              "sweep": {str(k): v for k, v in sorted(losses.items())},
+                              "seeds": {str(k): v for k, v in sorted(per_seed.items())}}
       with open(os.path.join(args.out, "sweeps.json"), "w") as f:
         json.dump({n: {str(w): v for w, v in r.items()} for n, r in results.items()}, f)
 
@@ -83,7 +100,8 @@ def main(argv=None) -> dict:
   results = {**{n: r for n, r in earlier.items() if n not in results}, **results}
   names = list(results)
   lines = [f"Character GPT, {args.layers} layers, context {args.context}, batch {args.batch}, "
-           f"{args.steps} steps; best peak learning rate (validation loss) per width.", "",
+           f"{args.steps} steps, seeds {', '.join(map(str, seeds))}; best peak learning rate "
+           "(mean validation loss) per width.", "",
            "| optimizer | " + " | ".join(f"d {w}" for w in widths) + " | max / min best lr |",
            "|---|" + "---|" * (len(widths) + 1)]
   rows = []
@@ -93,7 +111,8 @@ def main(argv=None) -> dict:
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {max(bests) / min(bests):.2f}× |")
     rows.append({"optimizer": name, "widths": widths, "best_lr": bests,
                  "loss": [results[name][w]["loss"] for w in widths],
-                 "sweeps": [results[name][w]["sweep"] for w in widths]})
+                 "sweeps": [results[name][w]["sweep"] for w in widths],
+                 "seed_losses": [results[name][w].get("seeds") for w in widths]})
   harness.write_report(args.out, "kl_optax.benchmarks.width", argv, rows, lines)
   _plot(os.path.join(args.out, "width.png"), results, widths, args)
   return results
