@@ -534,3 +534,24 @@ def test_port_benchmark_runs_with_a_stand_in_port(tmp_path, monkeypatch):
     assert rows["kl_optax (port's settings)"]["state_bytes"] == rows["port"]["state_bytes"]
   text = (tmp_path / "p" / "results.md").read_text()
   assert "d_model 8" in text and "| port |" in text and "refresh / ordinary" in text
+
+
+def test_scale_out_benchmark_runs_with_variants(tmp_path):
+  from kl_optax.benchmarks import scale_out
+  report = scale_out.main([
+      "--optimizers", "adamw,kl_shampoo,kl_shampoo@spike_threshold=None,kl_shampoo_b8",
+      "--depths", "1", "--d-model", "16", "--context", "8", "--batch", "4",
+      "--memory-d-model", "16", "--memory-layers", "1", "--devices", "1,2",
+      "--step-layers", "1", "--model-parallel", "2", "--steps", "11",
+      "--out", str(tmp_path / "so")])
+  names = ["adamw", "kl_shampoo", "kl_shampoo@spike_threshold=None", "kl_shampoo_b8"]
+  assert set(report["steps"]) == set(names)
+  for name in names:
+    assert report["steps"][name]["median_ms"] > 0
+  # The recipes run with their defaults: the spike guard keeps state unless turned off,
+  # and 8-blocks hold more, smaller factors than whole 16×16 matrices.
+  mem = lambda name, n: report["memory"][f"{name}@{n}"]["total_bytes"]
+  assert mem("kl_shampoo", 1) > mem("kl_shampoo@spike_threshold=None", 1)
+  assert mem("kl_shampoo_b8", 1) != mem("kl_shampoo", 1)
+  assert mem("kl_shampoo", 2) == mem("kl_shampoo", 1)
+  assert (tmp_path / "so" / "results.md").exists()

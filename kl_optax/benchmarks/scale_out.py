@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P  # pylint: disable=wrong-import-posi
 
 import kl_optax  # pylint: disable=wrong-import-position
 from kl_optax import models  # pylint: disable=wrong-import-position
+from kl_optax.benchmarks import harness  # pylint: disable=wrong-import-position
 from kl_optax.benchmarks.harness import per_device_bytes, state_bytes  # pylint: disable=wrong-import-position
 from kl_optax.benchmarks.optimizers import make_optimizer  # pylint: disable=wrong-import-position
 
@@ -52,13 +53,13 @@ VOCAB = 82  # the Shakespeare character vocabulary (docs/benchmarks.md)
 
 
 def _optimizer(name, steps):
-  """``adamw``, a recipe, or ``<recipe>_b<N>``: the recipe with every dim cut into blocks of N."""
-  kwargs = {}
+  """``adamw``, a recipe, or ``<recipe>_b<N>``: the recipe with every dim cut into blocks
+  of N; ``@key=value`` suffixes pass keyword arguments (``kl_shampoo@spike_threshold=None``).
+  Recipes run with their defaults otherwise."""
+  name, kwargs = harness.parse_variant(name)
   if "_b" in name:
     name, block = name.rsplit("_b", 1)
     kwargs["layout"] = kl_optax.Layout(block_size=int(block), max_precond_dim=int(block))
-  if name == "kl_shampoo":
-    kwargs["init_factor"] = 1e-3
   return make_optimizer(name, 1e-3, steps, **kwargs)
 
 
