@@ -554,4 +554,6 @@ def test_scale_out_benchmark_runs_with_variants(tmp_path):
   assert mem("kl_shampoo", 1) > mem("kl_shampoo@spike_threshold=None", 1)
   assert mem("kl_shampoo_b8", 1) != mem("kl_shampoo", 1)
   assert mem("kl_shampoo", 2) == mem("kl_shampoo", 1)
-  assert (tmp_path / "so" / "results.md").exists()
+  md = (tmp_path / "so" / "results.md").read_text()
+  assert "| kl_shampoo@spike_threshold=None L1 |" in md  # variant names survive the tables
+  assert "| kl_shampoo@spike_threshold=None | 2 |" in md

@@ -172,7 +172,7 @@ def step_times(optimizers, d_model, layers, context, batch, model_parallel, step
 def _markdown(report) -> str:
   lines = [f"Device: {report['device']} ({report['device_count']} devices).", "",
            "| compile (s) | " + " | ".join(
-               f"{k.split('@')[0]} L{k.split('@')[1]}" for k in report["compile"]) + " |",
+               f"{k.rsplit('@', 1)[0]} L{k.rsplit('@', 1)[1]}" for k in report["compile"]) + " |",
            "|---|" + "---|" * len(report["compile"])]
   for field in ("train_step_s", "update_s"):
     lines.append(f"| {field} | " + " | ".join(
@@ -180,7 +180,7 @@ def _markdown(report) -> str:
   lines += ["", "| optimizer | devices | fullest device (MiB) | total/devices (MiB) | "
                 "replicated (MiB) | within 1.25× goal |", "|---|---|---|---|---|---|"]
   for k, v in report["memory"].items():
-    lines.append(f"| {k.split('@')[0]} | {v['devices']} | {v['per_device_bytes'] / 2**20:.3f} | "
+    lines.append(f"| {k.rsplit('@', 1)[0]} | {v['devices']} | {v['per_device_bytes'] / 2**20:.3f} | "
                  f"{v['ideal_bytes'] / 2**20:.3f} | {v['replicated_bytes'] / 2**20:.3f} | "
                  f"{'yes' if v['within_goal'] else 'no'} |")
   lines += ["", "| optimizer | median step (ms) | × AdamW | refresh steps (ms) | others (ms) |",
