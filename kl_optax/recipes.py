@@ -473,7 +473,11 @@ def kl_soap(
     eps: added to ``sqrt(ṽ)``.
     weight_decay: decoupled weight decay (every step, the first included).
     precondition_frequency: refresh the eigenbases every this many steps.
-    init_factor: initial eigenvalue estimate of the factor updates.
+    init_factor: initial eigenvalue estimate of the factor updates: the paper's
+      0.1, another constant, ``"spectrum"`` or ``"rms"`` (see
+      [`scale_by_kl_shampoo`][kl_optax.recipes.scale_by_kl_shampoo]). KL-SOAP's
+      results hardly depend on it (docs/benchmarks.md, "Starting eigenvalue
+      estimates").
     max_clamp: bound in the eigenvalue floor ``1/c_k²`` (``None``: no floor).
     refresh_tolerance: adaptive refresh: a factor keeps its basis while
       ``off(QᵀSQ) ≤ refresh_tolerance · ‖S‖_F`` ([`kl_optax.qr_basis_refresh`][kl_optax.parts.qr_basis_refresh]).
@@ -977,7 +981,11 @@ def scale_by_pro_kl_shampoo(
       ``"sqrt_complement"``, ``"muon"`` or a number, see
       [`kl_optax.spike_flat_whiten`][kl_optax.pro.spike_flat_whiten]).
     ns_steps: Newton–Schulz iterations.
-    init_factor: initial eigenvalue estimate.
+    init_factor: initial eigenvalue estimate: the paper's 0.1, another
+      constant, ``"spectrum"`` or ``"rms"``. On short runs the paper's 0.1 trails:
+      in the 300-step suite ``1e-3`` was best on three of four workloads and
+      ``"spectrum"`` second on all four (docs/benchmarks.md, "Starting eigenvalue
+      estimates").
     max_clamp: bound in the eigenvalue floors (``None``: no floors).
     restricted_side: ``"larger"`` (default), ``"smaller"``, ``"rows"`` or
       ``"columns"``: which side of each matrix is restricted.
@@ -1080,7 +1088,11 @@ def pro_kl_shampoo(
     precondition_frequency: basis and subspace refresh every this many steps.
     complement_scale: ``κ`` of the complement direction (``None``: ``√n``).
     ns_steps: Newton–Schulz iterations.
-    init_factor: initial eigenvalue estimate.
+    init_factor: initial eigenvalue estimate: the paper's 0.1, another
+      constant, ``"spectrum"`` or ``"rms"``. On short runs the paper's 0.1 trails:
+      in the 300-step suite ``1e-3`` was best on three of four workloads and
+      ``"spectrum"`` second on all four (docs/benchmarks.md, "Starting eigenvalue
+      estimates").
     max_clamp: bound in the eigenvalue floors (``None``: no floors).
     restricted_side: which side of each matrix is restricted (``"larger"``).
     ns_coefficients: Newton–Schulz coefficients (``"muon"``, ``"exact"``, …).
