@@ -197,6 +197,16 @@ def test_quick_preset_checks_its_arguments_before_writing(tmp_path):
   assert not out.exists()
 
 
+def test_quick_preset_runs_a_variant_at_its_recipes_tuned_rate(tmp_path):
+  from kl_optax.benchmarks import suite
+  report = suite.main(["--workloads", "digits_mlp", "--optimizers", "adamw,kl_shampoo@spike_threshold=None",
+                       "--steps", "2", "--evals", "1", "--timing-calls", "1",
+                       "--out", str(tmp_path), "--no-progress"])
+  summary = report["workloads"]["digits_mlp"]["summary"]
+  rate = suite.QUICK_LEARNING_RATES["digits_mlp"]["kl_shampoo"]
+  assert summary["kl_shampoo@spike_threshold=None"]["best_lr"] == rate
+
+
 def test_steps_to_target_interpolates_the_first_crossing():
   from kl_optax.benchmarks import suite
   steps, losses = [2, 4, 6, 8], [2.0, 1.5, 1.0, 0.5]

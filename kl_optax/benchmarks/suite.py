@@ -579,8 +579,8 @@ def main(argv=None) -> dict:
       return sorted(lrs)
     if sweep:
       return list(LR_GRIDS[workload])
-    try:
-      return [QUICK_LEARNING_RATES[workload][name]]
+    try:  # a variant (name@key=value) runs at its recipe's tuned rate
+      return [QUICK_LEARNING_RATES[workload][name.split("@")[0]]]
     except KeyError:
       raise SystemExit(f"the quick preset has no tuned learning rate for {name!r} on {workload!r}; "
                        "pass --lrs or --preset cpu") from None
