@@ -580,7 +580,7 @@ def main(argv=None) -> dict:
     if sweep:
       return list(LR_GRIDS[workload])
     try:  # a variant (name@key=value) runs at its recipe's tuned rate
-      return [QUICK_LEARNING_RATES[workload][name.split("@")[0]]]
+      return [QUICK_LEARNING_RATES[workload][harness.parse_variant(name)[0]]]
     except KeyError:
       raise SystemExit(f"the quick preset has no tuned learning rate for {name!r} on {workload!r}; "
                        "pass --lrs or --preset cpu") from None
