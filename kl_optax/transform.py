@@ -9,9 +9,9 @@ update is a pipeline of named steps:
 2. [`kl_optax.plan.pack`][kl_optax.plan.pack] stacks the gradients per group (on a mesh:
    padded, then moved to the devices that own them);
 3. the stored state is cast to the compute dtype (float32; float64 for float64 storage);
-4. one ``lax.cond`` picks the initialization step (``count == 0``:
+4. one ``lax.cond`` per group picks the initialization step (``count == 0``:
    `_initialize_tensor`) or the regular step (`_update_tensor`),
-   each run on every tensor of every group by
+   each run on every tensor of the group by
    [`kl_optax.sharding.map_stacks`][kl_optax.sharding.map_stacks] (``vmap``, per device under a mesh),
    and each guarded against non-finite values (`_guard`);
 5. the state is cast back to its storage dtype and the updates are unpacked
@@ -150,9 +150,22 @@ def _update_tensor(parts, state: KronState, grad: jax.Array, count: jax.Array):
 # ----------------------------------------------------------------------------
 
 
-def _run_groups(tensor_fn, parts, states, grads, count):
-  """``tensor_fn`` on every tensor of every group; returns new states and updates."""
-  results = [sharding.map_stacks(functools.partial(tensor_fn, parts), st, g, count)
+def _run_groups(parts, states, grads, count):
+  """The initialization or the regular step on every tensor of every group.
+
+  Each group has its own ``lax.cond``: XLA then schedules the groups one
+  after another, so that only one group's intermediates (and, at
+  ``count == 0``, its eigendecompositions) are live at a time. A single
+  ``cond`` around all groups made the initialization branch's peak, every
+  group's statistics and decompositions at once, the scratch memory of
+  every step.
+  """
+  init = functools.partial(_float32_products, _initialize_tensor, parts)
+  regular = functools.partial(_update_tensor, parts)
+  results = [jax.lax.cond(count == 0,
+                          functools.partial(sharding.map_stacks, init),
+                          functools.partial(sharding.map_stacks, regular),
+                          st, g, count)
              for st, g in zip(states, grads)]
   return tuple(r[0] for r in results), tuple(r[1] for r in results)
 
@@ -214,12 +227,7 @@ def _step(config: _Config, tensor_plan, padded, leaves, groups, count):
   compute = _compute_dtype(config.dtype)
   grads = _pack_gradients(tensor_plan, leaves, padded, compute)
   states = tuple(_cast_state(g, compute) for g in groups)
-  new_states, outs = jax.lax.cond(
-      count == 0,
-      functools.partial(_float32_products, _run_groups, _initialize_tensor, config.parts),
-      functools.partial(_run_groups, _update_tensor, config.parts),
-      states, grads, count,
-  )
+  new_states, outs = _run_groups(config.parts, states, grads, count)
   new_states = tuple(_cast_state(s, config.dtype, config.factor_dtype, config.float32_slots)
                      for s in new_states)
   if sharding.context_mesh() is not None:
