@@ -230,6 +230,37 @@ def outer_product(vectors: Sequence[jax.Array]) -> jax.Array:
   return out
 
 
+# One-matrix LAPACK calls the CPU path of `_batch_sequentially_on_cpu` issues side
+# by side: independent calls XLA:CPU may run at the same time (the largest
+# stacks hold few, large matrices), while the program stays one loop whatever the
+# stack size.
+_CPU_CALLS_AT_ONCE = 2
+
+
+def _stack_outputs(outs):
+  return jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+
+def _in_chunks_on_cpu(fn, x):
+  """``fn`` on every matrix of the stack ``x``: ``_CPU_CALLS_AT_ONCE`` calls per
+  ``lax.map`` iteration (no loop when the stack is that small)."""
+  n = x.shape[0]
+  width = min(n, _CPU_CALLS_AT_ONCE)
+  rounds, rest = divmod(n, width)
+
+  def chunk(y):
+    return _stack_outputs([fn(y[i]) for i in range(y.shape[0])])
+
+  if rounds == 1:
+    out = chunk(x[:width])
+  else:
+    out = jax.lax.map(chunk, x[:rounds * width].reshape((rounds, width) + x.shape[1:]))
+    out = jax.tree.map(lambda a: a.reshape((rounds * width,) + a.shape[2:]), out)
+  if rest:
+    out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, chunk(x[rounds * width:]))
+  return out
+
+
 def _batch_sequentially_on_cpu(fn):
   """Wraps a one-matrix LAPACK routine so that ``vmap`` of it loops on CPU.
 
@@ -237,9 +268,10 @@ def _batch_sequentially_on_cpu(fn):
   intra-op thread pool and block until the chunks finish. When as many batched
   calls run at once as the pool has threads (two on a two-core machine — which
   independent per-shape refreshes easily reach) every pool thread waits and the
-  program deadlocks. Under ``vmap`` this wrapper lowers to a ``lax.map`` over
-  the batch on CPU (one matrix per LAPACK call, which runs inline) and to the
-  ordinary batched routine on every other platform.
+  program deadlocks. Under ``vmap`` this wrapper lowers on CPU to one-matrix
+  LAPACK calls, which run inline: a ``lax.map`` over the batch with
+  ``_CPU_CALLS_AT_ONCE`` independent calls per iteration; on every other
+  platform, to the ordinary batched routine.
   """
 
   @jax.custom_batching.custom_vmap
@@ -253,7 +285,7 @@ def _batch_sequentially_on_cpu(fn):
       out = wrapped(x)
       return out, jax.tree.map(lambda _: False, out)
     out = jax.lax.platform_dependent(
-        x, cpu=lambda y: jax.lax.map(wrapped, y), default=jax.vmap(fn))
+        x, cpu=lambda y: _in_chunks_on_cpu(wrapped, y), default=jax.vmap(fn))
     return out, jax.tree.map(lambda _: True, out)
 
   return wrapped

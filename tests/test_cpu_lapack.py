@@ -54,3 +54,17 @@ def test_sequential_batching_matches_batched_linear_algebra():
   eye = jnp.broadcast_to(jnp.eye(6), x.shape)
   q = jax.jit(jax.vmap(jax.vmap(kl_optax.kron.qr_power_step)))(sym, eye)
   np.testing.assert_allclose(jnp.abs(q), jnp.abs(jnp.linalg.qr(sym)[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_stacks_of_any_size_decompose_like_one_matrix_at_a_time(n):
+  # The CPU path issues the one-matrix calls two at a time, with a remainder.
+  x = jax.random.normal(jax.random.key(n), (n, 5, 5))
+  sym = x + jnp.swapaxes(x, -1, -2)
+  w, v = jax.jit(jax.vmap(kl_optax.kron.eigh_descending))(sym)
+  q = jax.jit(jax.vmap(kl_optax.kron.qr_orthonormal))(sym)
+  for i in range(n):
+    w_i, v_i = kl_optax.kron.eigh_descending(sym[i])
+    np.testing.assert_allclose(w[i], w_i, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jnp.abs(v[i]), jnp.abs(v_i), atol=1e-4)
+    np.testing.assert_allclose(q[i], kl_optax.kron.qr_orthonormal(sym[i]), atol=1e-5)
