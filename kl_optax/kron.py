@@ -230,15 +230,11 @@ def outer_product(vectors: Sequence[jax.Array]) -> jax.Array:
   return out
 
 
-# One-matrix LAPACK calls the CPU path of `_batch_sequentially_on_cpu` issues side
-# by side: independent calls XLA:CPU may run at the same time (the largest
-# stacks hold few, large matrices), while the program stays one loop whatever the
-# stack size.
+# How many independent one-matrix LAPACK calls each iteration of the CPU loop of
+# `_batch_sequentially_on_cpu` issues: XLA:CPU may run them at the same time
+# (the largest stacks hold few, large matrices), and the program stays one loop
+# whatever the stack size.
 _CPU_CALLS_AT_ONCE = 2
-
-
-def _stack_outputs(outs):
-  return jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
 def _in_chunks_on_cpu(fn, x):
@@ -249,7 +245,7 @@ def _in_chunks_on_cpu(fn, x):
   rounds, rest = divmod(n, width)
 
   def chunk(y):
-    return _stack_outputs([fn(y[i]) for i in range(y.shape[0])])
+    return jax.tree.map(lambda *a: jnp.stack(a), *[fn(y[i]) for i in range(y.shape[0])])
 
   if rounds == 1:
     out = chunk(x[:width])
