@@ -460,6 +460,10 @@ def test_precision_benchmark_runs(tmp_path):
     assert r["orthogonality_float32"] < 1e-4 and r["orthogonality_bfloat16"] < 1e-4
     assert np.isfinite(r["val_float32"]) and np.isfinite(r["val_bfloat16"])
   assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
+  # TF32 is the other cheaper setting; XLA's CPU backend ignores it, so here the two runs agree.
+  rows = precision.main(["--optimizers", "kl_shampoo", "--steps", "4", "--gpt-steps", "0",
+                         "--low", "high", "--out", str(tmp_path / "high")])
+  assert rows[0]["deviation_max"] == 0.0 and rows[0]["val_high"] == rows[0]["val_float32"]
 
 
 def test_gpu_benchmark_runs_on_a_tiny_model(tmp_path):
@@ -468,13 +472,27 @@ def test_gpu_benchmark_runs_on_a_tiny_model(tmp_path):
                    "--vocab", "32", "--batch", "2", "--steps", "12",
                    "--optimizers", "adamw,kl_shampoo", "--out", str(tmp_path)])
   assert [(r["optimizer"], r["compute"]) for r in rows] == [
-      ("adamw", "float32"), ("kl_shampoo", "float32"), ("kl_shampoo", "bfloat16")]
+      ("adamw", "float32"), ("kl_shampoo", "float32"), ("kl_shampoo", "high"),
+      ("kl_shampoo", "bfloat16")]
   for r in rows:
     assert r["compile_s"] > 0 and r["ordinary_ms"] > 0 and r["ordinary_p95_ms"] >= r["ordinary_ms"]
     assert np.isfinite(r["final_loss"]) and r["state_bytes"] > 0
+    assert r["step_flops"] > 0 and r["step_bytes"] > 0 and len(r["step_seconds"]) == 12
+  # The Kronecker update adds FLOPs to the train step (XLA's own count).
+  assert rows[1]["step_flops"] > rows[0]["step_flops"]
   assert rows[0]["refresh_ms"] is None                  # AdamW has no refresh steps
   assert rows[1]["refresh_ms"] > 0                      # step 10 refreshed
   assert "| kl_shampoo | bfloat16 |" in (tmp_path / "results.md").read_text()
+  # A spent time budget starts no run, and the table says which were not run.
+  rows = gpu.main(["--d-model", "16", "--layers", "2", "--heads", "2", "--context", "8",
+                   "--vocab", "32", "--batch", "2", "--steps", "12", "--budget-minutes", "0",
+                   "--optimizers", "adamw,soap", "--compute", "bfloat16",
+                   "--out", str(tmp_path / "none")])
+  assert rows == []
+  text = (tmp_path / "none" / "results.md").read_text()
+  assert "| adamw | float32 | not run" in text and "| soap | bfloat16 | not run" in text
+  with pytest.raises(SystemExit, match="unknown setting 'fp8'"):
+    gpu.main(["--compute", "fp8", "--out", str(tmp_path / "bad")])
   # Refresh steps are counted apart from the ordinary ones; the first two steps are left out.
   times = gpu.step_times([9.0, 5.0] + [1.0] * 8 + [4.0, 1.0], period=10)
   assert times["ordinary_ms"] == 1e3 and times["refresh_ms"] == 4e3

@@ -29,6 +29,7 @@ from flax import nnx
 __all__ = [
     "RunResult",
     "TrainSetup",
+    "cost",
     "extend_grid",
     "make_setup",
     "median_time",
@@ -44,13 +45,15 @@ __all__ = [
 ]
 
 
-def write_report(out: str, module: str, argv, rows: list[dict], lines: list[str]) -> None:
+def write_report(out: str, module: str, argv, rows: list[dict], lines: list[str],
+                 *, quiet: bool = False) -> None:
   """Prints ``lines`` (a markdown table) and writes ``results.md`` and ``results.json`` to ``out``.
 
   The JSON holds the command that reproduces the run (``python -m <module> <argv>``),
-  the device, the JAX version and ``rows``.
+  the device, the JAX version and ``rows``. ``quiet`` writes without printing.
   """
-  print("\n".join(lines))
+  if not quiet:
+    print("\n".join(lines))
   os.makedirs(out, exist_ok=True)
   args = sys.argv[1:] if argv is None else argv
   with open(os.path.join(out, "results.json"), "w") as f:
@@ -135,6 +138,7 @@ class RunResult:
   state_bytes: int
   diverged: bool = False
   step_memory: dict[str, int] = dataclasses.field(default_factory=dict)
+  step_cost: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def final_val(self) -> float:
@@ -207,7 +211,8 @@ def train(
     return float(np.mean([eval_fn(p, setup.rest, x, y) for x, y in val_batches]))
 
   result = RunResult(name, float(learning_rate), [], [], [], [], [], compile_seconds,
-                     state_bytes(opt_state), step_memory=memory(step_fn))
+                     state_bytes(opt_state), step_memory=memory(step_fn),
+                     step_cost=cost(step_fn))
   for step in range(steps):
     x, y = batches(step)
     t0 = time.perf_counter()
@@ -263,6 +268,22 @@ def memory(compiled) -> dict[str, int]:
   peak = (get("argument_size_in_bytes") + get("output_size_in_bytes")
           + get("temp_size_in_bytes") - get("alias_size_in_bytes"))
   return {"temp": get("temp_size_in_bytes"), "peak": peak}
+
+
+def cost(compiled) -> dict[str, float]:
+  """XLA's cost analysis of a compiled function: ``flops`` and ``bytes`` accessed.
+
+  The backend's own count (a GPU's fused program moves fewer bytes than the CPU
+  one); solver calls (QR, eigh) have no FLOP count. Both are -1 where the
+  backend gives no analysis.
+  """
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis:
+    return {"flops": -1.0, "bytes": -1.0}
+  return {"flops": float(analysis.get("flops", -1.0)),
+          "bytes": float(analysis.get("bytes accessed", -1.0))}
 
 
 def parse_variant(name: str) -> tuple[str, dict]:

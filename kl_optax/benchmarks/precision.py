@@ -17,7 +17,9 @@ and both validation losses.
 A CPU has no bfloat16 matrix unit (the products are emulated), so the times
 are not the point here; the rounding is the same as on an accelerator. On a CPU
 ``matmul_precision`` ("high", "default") changes nothing: XLA's CPU backend
-computes float32 products in full float32.
+computes float32 products in full float32. On a GPU, ``--low high`` compares
+``Layout(matmul_precision="high")`` (TF32 on NVIDIA GPUs) with the float32 run
+instead; its columns are then named ``high``.
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ def orthogonality(opt_state) -> float:
   return worst
 
 
-def _run(task, name, lr, steps, compute_dtype, evals):
+LOW = {"bfloat16": {"compute_dtype": jnp.bfloat16}, "high": {"matmul_precision": "high"}}
+
+
+def _run(task, name, lr, steps, compute, evals):
   base, kwargs = harness.parse_variant(name)
   kwargs = {**task.optimizer_kwargs.get(base, {}), **kwargs}
   if base in kl_optax.RECIPES:
@@ -64,7 +69,7 @@ def _run(task, name, lr, steps, compute_dtype, evals):
     if start is not None:  # the suite's start for a short run
       kwargs.setdefault("init_factor", start)
     kwargs["layout"] = kl_optax.Layout(
-        precondition_mask=kl_optax.exclude(*task.adam_leaves), compute_dtype=compute_dtype)
+        precondition_mask=kl_optax.exclude(*task.adam_leaves), **compute)
   tx = make_optimizer(base, lr, steps, **kwargs)
   setup = task.setup
   step_fn = jax.jit(lambda p, s, x, y: _step(setup, tx, p, s, x, y))
@@ -95,18 +100,19 @@ def _deviation(a, b) -> float:
   return num / den
 
 
-def compare(workload: str, name: str, steps: int, evals: int = 10) -> dict:
-  """The float32 and bfloat16 runs of ``name`` on ``workload``, side by side."""
+def compare(workload: str, name: str, steps: int, evals: int = 10,
+            low: str = "bfloat16") -> dict:
+  """The float32 run of ``name`` on ``workload`` and its ``low`` run (a key of ``LOW``), side by side."""
   task = tasks.make_task(workload, "cpu", 0)
   lr = suite.QUICK_LEARNING_RATES[workload][harness.parse_variant(name)[0]]
-  ref, ref_state, ref_val = _run(task, name, lr, steps, None, evals)
-  low, low_state, low_val = _run(task, name, lr, steps, jnp.bfloat16, evals)
-  deviations = [_deviation(a, b) for a, b in zip(ref, low)]
+  ref, ref_state, ref_val = _run(task, name, lr, steps, {}, evals)
+  cheap, cheap_state, cheap_val = _run(task, name, lr, steps, LOW[low], evals)
+  deviations = [_deviation(a, b) for a, b in zip(ref, cheap)]
   return {"workload": workload, "optimizer": name, "steps": steps, "learning_rate": lr,
-          "val_float32": ref_val, "val_bfloat16": low_val,
+          "val_float32": ref_val, f"val_{low}": cheap_val,
           "deviation_final": deviations[-1], "deviation_max": max(deviations),
           "orthogonality_float32": orthogonality(ref_state),
-          "orthogonality_bfloat16": orthogonality(low_state)}
+          f"orthogonality_{low}": orthogonality(cheap_state)}
 
 
 def main(argv=None) -> list[dict]:
@@ -114,22 +120,25 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS)
   p.add_argument("--steps", type=int, default=1000, help="steps on the Kronecker regression")
   p.add_argument("--gpt-steps", type=int, default=300, help="steps on the character GPT (0: skip)")
+  p.add_argument("--low", default="bfloat16", choices=sorted(LOW),
+                 help="the cheaper setting compared with float32 at HIGHEST")
   p.add_argument("--out", default="runs/precision")
   args = p.parse_args(argv)
+  low = args.low
   names = [n for n in args.optimizers.split(",") if n]
   runs = [("kron_regression", args.steps)] + ([("char_gpt", args.gpt_steps)]
                                               if args.gpt_steps else [])
   rows = []
-  print("| workload | optimizer | steps | val loss, float32 | val loss, bfloat16 | max rel. "
-        "deviation (end / worst) | max ‖QᵀQ − I‖ (float32 / bfloat16) |")
+  print(f"| workload | optimizer | steps | val loss, float32 | val loss, {low} | max rel. "
+        f"deviation (end / worst) | max ‖QᵀQ − I‖ (float32 / {low}) |")
   print("|---|---|---|---|---|---|---|")
   for workload, steps in runs:
     for name in names:
-      r = compare(workload, name, steps)
+      r = compare(workload, name, steps, low=low)
       rows.append(r)
-      print(f"| {workload} | {name} | {steps} | {r['val_float32']:.4f} | {r['val_bfloat16']:.4f} "
+      print(f"| {workload} | {name} | {steps} | {r['val_float32']:.4f} | {r[f'val_{low}']:.4f} "
             f"| {r['deviation_final']:.2e} / {r['deviation_max']:.2e} "
-            f"| {r['orthogonality_float32']:.1e} / {r['orthogonality_bfloat16']:.1e} |", flush=True)
+            f"| {r['orthogonality_float32']:.1e} / {r[f'orthogonality_{low}']:.1e} |", flush=True)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump({"command": "python -m kl_optax.benchmarks.precision "
