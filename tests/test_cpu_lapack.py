@@ -68,3 +68,28 @@ def test_stacks_of_any_size_decompose_like_one_matrix_at_a_time(n):
     np.testing.assert_allclose(w[i], w_i, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jnp.abs(v[i]), jnp.abs(v_i), atol=1e-4)
     np.testing.assert_allclose(q[i], kl_optax.kron.qr_orthonormal(sym[i]), atol=1e-5)
+
+
+
+def _cuda_qr_calls(fn, *args):
+  """The operand types of the cuSOLVER QR calls of ``fn(*args)`` lowered for an NVIDIA
+  GPU (``jax.export`` lowers for a platform this machine does not have), and whether
+  the program loops."""
+  import re  # pylint: disable=import-outside-toplevel
+  from jax import export  # pylint: disable=import-outside-toplevel
+  text = export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+  operands = re.findall(r"custom_call @cusolver_geqrf\w*\([^)]*\)[^\n]*:\s*\((tensor<[^>]*>)", text)
+  return operands, "stablehlo.while" in text
+
+
+def test_qr_of_large_stacks_loops_on_gpu_and_small_ones_stay_batched():
+  qr = jax.vmap(kl_optax.kron.qr_orthonormal)
+  stack = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  assert _cuda_qr_calls(qr, stack(6, 256, 256)) == (["tensor<256x256xf32>"], True)
+  assert _cuda_qr_calls(qr, stack(6, 64, 64)) == (["tensor<6x64x64xf32>"], False)
+  # Through a recipe's refresh: the stack of two 256 x 256 leaves is QR'd one matrix at a time.
+  tx = kl_optax.kl_shampoo(1e-3, precondition_frequency=1)
+  params = {"a": stack(256, 256), "b": stack(256, 256)}
+  state = jax.eval_shape(tx.init, params)
+  operands, _ = _cuda_qr_calls(lambda g, s: tx.update(g, s, g), params, state)
+  assert operands and set(operands) == {"tensor<256x256xf32>"}
