@@ -470,7 +470,8 @@ def test_gpu_benchmark_runs_on_a_tiny_model(tmp_path):
   from kl_optax.benchmarks import gpu
   rows = gpu.main(["--d-model", "16", "--layers", "2", "--heads", "2", "--context", "8",
                    "--vocab", "32", "--batch", "2", "--steps", "12",
-                   "--optimizers", "adamw,kl_shampoo", "--out", str(tmp_path)])
+                   "--optimizers", "adamw,kl_shampoo", "--compute", "float32,high,bfloat16",
+                   "--out", str(tmp_path)])
   assert [(r["optimizer"], r["compute"]) for r in rows] == [
       ("adamw", "float32"), ("kl_shampoo", "float32"), ("kl_shampoo", "high"),
       ("kl_shampoo", "bfloat16")]
