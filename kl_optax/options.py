@@ -113,7 +113,10 @@ class Layout:
       float32 accumulation; decompositions and eigenvalue estimates stay
       float32). See ``kl_optax.kron_transform``.
     matmul_precision: ``"highest"`` (``None``), ``"high"`` or ``"default"``
-      for float32 operands on accelerators.
+      for float32 operands on accelerators. On NVIDIA GPUs ``"high"`` (TF32)
+      is the one to try first: on an H200 it cut KL-Shampoo's ordinary update
+      on GPT-2 small's shape from 56 to 22 ms (docs/benchmarks.md). A CPU
+      ignores it.
 
   Examples:
     >>> import jax.numpy as jnp, kl_optax
