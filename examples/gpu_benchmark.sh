@@ -10,6 +10,11 @@
 #   bash examples/gpu_benchmark.sh run [options of kl_optax.benchmarks.gpu]
 #                                            # installs from ./wheels only, then writes
 #                                            # runs/gpu/results.{json,md}
+#
+# or, on a GPU machine whose Python already has JAX with GPU support, Flax and optax:
+#
+#   bash examples/gpu_benchmark.sh installed [options]   # no install: the package from
+#                                                        # this checkout, on PYTHONPATH
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packages=("jax[cuda12]" "flax>=0.10" "optax" "chex" "matplotlib" "tqdm")
@@ -27,8 +32,14 @@ case "${1:-}" in
     python -c "import jax; print('devices:', jax.devices())"
     python -m kl_optax.benchmarks.gpu --out runs/gpu "$@"
     ;;
+  installed)
+    shift
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    python3 -c "import jax, flax, optax; print('devices:', jax.devices())"
+    python3 -m kl_optax.benchmarks.gpu --out runs/gpu "$@"
+    ;;
   *)
-    echo "usage: bash examples/gpu_benchmark.sh prepare | run [benchmark options]" >&2
+    echo "usage: bash examples/gpu_benchmark.sh prepare | run | installed [benchmark options]" >&2
     exit 2
     ;;
 esac

@@ -13,9 +13,22 @@ import sys
 #   it: every comparison is between programs compiled with the same flags, or
 #   against a float64 NumPy reference with a tolerance. Set
 #   KL_OPTAX_TEST_XLA_DEFAULTS=1 to test with XLA's default code generation.
+#   jaxlib 0.11 and newer no longer know the emitter flag (XLA aborts on an
+#   unknown flag), so it is set for older ones only.
+def _jaxlib_before(major: int, minor: int) -> bool:
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  try:
+    version = tuple(int(p) for p in metadata.version("jaxlib").split(".")[:2])
+  except (metadata.PackageNotFoundError, ValueError):
+    return False
+  return version < (major, minor)
+
+
 _FLAGS = {"xla_force_host_platform_device_count": "8"}
 if not os.environ.get("KL_OPTAX_TEST_XLA_DEFAULTS"):
-  _FLAGS.update(xla_backend_optimization_level="0", xla_cpu_use_fusion_emitters="false")
+  _FLAGS["xla_backend_optimization_level"] = "0"
+  if _jaxlib_before(0, 11):
+    _FLAGS["xla_cpu_use_fusion_emitters"] = "false"
 _xla_flags = os.environ.get("XLA_FLAGS", "")
 for _name, _value in _FLAGS.items():
   if _name not in _xla_flags:

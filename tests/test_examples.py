@@ -524,12 +524,20 @@ def test_cost_model_runs_on_a_tiny_model(tmp_path):
   assert (tmp_path / "cost.png").exists() and "projection" in (tmp_path / "results.md").read_text().lower()
 
 
-def test_gpu_benchmark_script_parses_and_explains_itself():
+def test_gpu_benchmark_script_parses_and_explains_itself(tmp_path):
   import subprocess
   script = os.path.join(ROOT, "examples", "gpu_benchmark.sh")
   assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
   out = subprocess.run(["bash", script], capture_output=True, text=True, check=False)
-  assert out.returncode == 2 and "prepare | run" in out.stderr
+  assert out.returncode == 2 and "prepare | run | installed" in out.stderr
+  # `installed` runs the benchmark with the Python at hand (here: on CPU, a tiny model).
+  env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+  out = subprocess.run(["bash", script, "installed", "--d-model", "16", "--layers", "1",
+                        "--heads", "2", "--context", "8", "--vocab", "32", "--batch", "2",
+                        "--steps", "3", "--optimizers", "adamw", "--out", str(tmp_path)],
+                       capture_output=True, text=True, check=False, env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "| adamw | float32 |" in (tmp_path / "results.md").read_text()
 
 
 def test_port_benchmark_runs_with_a_stand_in_port(tmp_path, monkeypatch):
