@@ -273,9 +273,10 @@ def memory(compiled) -> dict[str, int]:
 def cost(compiled) -> dict[str, float]:
   """XLA's cost analysis of a compiled function: ``flops`` and ``bytes`` accessed.
 
-  The backend's own count (a GPU's fused program moves fewer bytes than the CPU
-  one); solver calls (QR, eigh) have no FLOP count. Both are -1 where the
-  backend gives no analysis.
+  The backend's own count: on CPU it matches the analytic count of the
+  products (``tests/test_flops.py``); on an H200 it was far below it
+  (docs/benchmarks.md, "A GPU benchmark in one call"). Solver calls (QR, eigh)
+  have no FLOP count. Both are -1 where the backend gives no analysis.
   """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
