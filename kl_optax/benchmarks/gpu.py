@@ -6,17 +6,17 @@ Usage, on a machine with a GPU (random tokens; no dataset, no download):
 
 For each optimizer and compute setting: the train step's compile time, the median
 and p95 time of ordinary steps and of refresh steps (a Kronecker recipe refreshes
-its bases every ``precondition_frequency`` = 10 steps), the update's share of an
-ordinary step (its step time less AdamW's), XLA's estimate of the train step's peak
+its bases every ``precondition_frequency`` = 10 steps), the update's time (the
+ordinary step's time less AdamW's), XLA's estimate of the train step's peak
 memory and the device's peak so far (``memory_stats()``, where the backend has it;
 it never resets within a process), and XLA's FLOP and byte counts of the compiled
 train step (on an H200 XLA's count was far below the analytic one — 1.77
 TFLOP for AdamW's train step at the default size, whose forward and backward
-alone are about 7 — so read those two columns on CPU only). Compute settings of the Kronecker
-recipes (``--compute``): ``float32`` (``precision=HIGHEST``, the default),
-``high`` (``matmul_precision="high"``: TF32 on NVIDIA GPUs) and ``bfloat16``
-(``compute_dtype=jnp.bfloat16``); ``float32`` and ``bfloat16`` run by default. Runs start only
-while the elapsed time is under ``--budget-minutes`` less the longest run so far;
+alone are about 7 — so read those two columns on CPU only). Compute settings
+of the Kronecker recipes (``--compute``, ``harness.COMPUTE``): ``float32``
+(``precision=HIGHEST``, the default), ``high`` (``matmul_precision="high"``:
+TF32 on NVIDIA GPUs) and ``bfloat16`` (``compute_dtype=jnp.bfloat16``);
+``float32`` and ``bfloat16`` run by default. Runs start only while the elapsed time is under ``--budget-minutes`` less the longest run so far;
 the rest are listed as not run. ``results.json`` and ``results.md`` in ``--out``
 are rewritten after every run, so an interrupted call keeps what it measured.
 
@@ -43,8 +43,7 @@ from kl_optax.benchmarks.optimizers import make_optimizer
 
 __all__ = ["main", "step_times"]
 
-COMPUTE = {"float32": {}, "high": {"matmul_precision": "high"},
-           "bfloat16": {"compute_dtype": "bfloat16"}}
+COMPUTE = harness.COMPUTE
 KRONECKER = ("kl_shampoo", "kl_soap", "soap", "shampoo", "eshampoo", "pro_kl_shampoo")
 
 

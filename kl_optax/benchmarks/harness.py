@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 __all__ = [
+    "COMPUTE",
     "RunResult",
     "TrainSetup",
     "cost",
@@ -43,6 +44,13 @@ __all__ = [
     "warmup_cosine",
     "write_report",
 ]
+
+
+# The compute settings of the Kronecker recipes the benchmarks compare, as
+# `kl_optax.Layout` keywords: float32 at HIGHEST (the default), TF32 on NVIDIA
+# GPUs (a CPU ignores it), bfloat16 operands with float32 accumulation.
+COMPUTE = {"float32": {}, "high": {"matmul_precision": "high"},
+           "bfloat16": {"compute_dtype": "bfloat16"}}
 
 
 def write_report(out: str, module: str, argv, rows: list[dict], lines: list[str],

@@ -58,7 +58,7 @@ def orthogonality(opt_state) -> float:
   return worst
 
 
-LOW = {"bfloat16": {"compute_dtype": jnp.bfloat16}, "high": {"matmul_precision": "high"}}
+LOW = {name: harness.COMPUTE[name] for name in ("bfloat16", "high")}
 
 
 def _run(task, name, lr, steps, compute, evals):
