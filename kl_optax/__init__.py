@@ -20,7 +20,8 @@ Composable parts (``kl_optax.parts``, ``kl_optax.pro``, ``kl_optax.newton_schulz
   algebra; Newton–Schulz orthogonalization (``newton_schulz_orthogonalize``,
   ``scale_by_newton_schulz``).
 State types (``kl_optax.state``)
-  ``KronState``, ``TensorStep``, ``Part``, ``KronTransformState`` and the slot names.
+  ``KronState``, ``TensorStep``, ``Part``, ``KronTransformState``, the slot names
+  and ``declare_finite`` (a part's note that a value it wrote needs no check).
 The wrapper (``kl_optax.transform``) and the tensor plan (``kl_optax.plan``)
   ``kron_transform`` turns parts into an optax transformation; ``plan_tensors``
   shows how leaves are squeezed, blocked and grouped.
@@ -95,6 +96,7 @@ from kl_optax.state import (
     SpikeGuardState,
     TensorStep,
     ZeroNonFiniteState,
+    declare_finite,
     init_kron_state,
 )
 from kl_optax.transform import kron_transform
@@ -121,6 +123,7 @@ __all__ = sorted([
     "adam_in_eigenbasis",
     "cached_inverse_root",
     "attention_heads",
+    "declare_finite",
     "check_gradients",
     "checkpoint",
     "describe",

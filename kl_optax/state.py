@@ -12,12 +12,15 @@ This module imports nothing from the rest of the package. It defines:
 * [`SkipNonFiniteState`][kl_optax.state.SkipNonFiniteState] and [`ZeroNonFiniteState`][kl_optax.state.ZeroNonFiniteState]: the states of
   the non-finite guards of [`kl_optax.safety`][kl_optax.safety];
 * the slot names shared between modules (``MU``, ``REFRESHES``, …), so that a
-  part and the code that reads its slot never spell the name twice.
+  part and the code that reads its slot never spell the name twice;
+* [`declare_finite`][kl_optax.state.declare_finite]: how a part tells the
+  non-finite guard that a value it wrote cannot be non-finite.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -44,6 +47,7 @@ __all__ = [
     "SpikeGuardState",
     "ZeroNonFiniteState",
     "TensorStep",
+    "declare_finite",
     "init_kron_state",
 ]
 
@@ -232,3 +236,45 @@ def init_kron_state(shape: Shape, slots: Mapping[str, jax.Array] | None = None) 
       eigvals=tuple(jnp.ones((d,), f32) for d in shape),
       slots=dict(slots or {}),
   )
+
+
+# ----------------------------------------------------------------------------
+# Values a part guarantees finite
+# ----------------------------------------------------------------------------
+
+_DECLARED: list[list[Any]] = []
+
+
+def declare_finite(x: jax.Array) -> jax.Array:
+  """Returns ``x``, noted as finite by construction for the step being traced.
+
+  A part calls it on a value it writes into the state when that value cannot
+  be non-finite given a finite state: it falls back to the previous value
+  wherever the new one is not finite (an eigenvalue estimate, a refreshed
+  basis). The non-finite guard of [`kron_transform`][kl_optax.transform.kron_transform]
+  then leaves the array out of its finiteness check, which saves a pass over
+  it and the compiled reduction; the guard still restores it when the tensor
+  skips the step. The note holds for that array object only (compared with
+  ``is``): anything computed from it is checked. Outside a guarded step it
+  does nothing.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from kl_optax.state import declare_finite
+    >>> lam, new = jnp.ones(3), jnp.array([2.0, jnp.nan, 3.0])
+    >>> declare_finite(jnp.where(jnp.isfinite(new), new, lam))
+    Array([2., 1., 3.], dtype=float32)
+  """
+  if _DECLARED:
+    _DECLARED[-1].append(x)
+  return x
+
+
+@contextlib.contextmanager
+def declared_finite() -> Iterator[list[Any]]:
+  """Collects the arrays [`declare_finite`][kl_optax.state.declare_finite] notes inside the block."""
+  _DECLARED.append([])
+  try:
+    yield _DECLARED[-1]
+  finally:
+    _DECLARED.pop()

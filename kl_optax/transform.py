@@ -33,7 +33,8 @@ from kl_optax import plan as plan_lib
 from kl_optax import sharding
 from kl_optax import trees
 from kl_optax import validation
-from kl_optax.state import NONFINITE_SKIPS, KronState, KronTransformState, Part, TensorStep, init_kron_state
+from kl_optax.state import (NONFINITE_SKIPS, KronState, KronTransformState, Part, TensorStep,
+                            declared_finite, init_kron_state)
 
 __all__ = ["kron_transform"]
 
@@ -88,17 +89,19 @@ def _tensor_state(parts: tuple[Part, ...], shape: tuple[int, ...]) -> KronState:
   return state
 
 
-def _all_finite(tree, old=None) -> jax.Array:
+def _all_finite(tree, old=None, known=()) -> jax.Array:
   """Whether every floating leaf of ``tree`` is finite.
 
   Leaves that are ``old``'s own arrays (the same traced value: a part passed the
   slot through unchanged) are not checked again: the state is finite by
   construction, and skipping them saves a pass over every factor and basis a
-  step leaves alone (and its compiled reduction).
+  step leaves alone (and its compiled reduction). Nor are the arrays in
+  ``known``, which parts declared finite ([`kl_optax.state.declare_finite`][kl_optax.state.declare_finite]).
   """
   olds = jax.tree.leaves(old) if old is not None else [None] * len(jax.tree.leaves(tree))
   leaves = [jnp.all(jnp.isfinite(x)) for x, o in zip(jax.tree.leaves(tree), olds)
-            if jnp.issubdtype(x.dtype, jnp.inexact) and x is not o]
+            if jnp.issubdtype(x.dtype, jnp.inexact) and x is not o
+            and not any(x is k for k in known)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
@@ -127,9 +130,10 @@ def _initialize_tensor(parts, state: KronState, grad: jax.Array, count: jax.Arra
   finite = jnp.all(jnp.isfinite(grad))
   grad = jnp.where(finite, grad, 0.0)
   fns = [p.first_update for p in parts if p.first_update is not None]
-  with kron.shared_decompositions():  # e.g. the eigenvalue start and the basis: one eigh
+  # e.g. the eigenvalue start and the basis: one eigh
+  with kron.shared_decompositions(), declared_finite() as known:
     new = _run(fns, state, grad, count).state
-  return _guard(state, new, _all_finite(new, state), finite), jnp.zeros_like(grad)
+  return _guard(state, new, _all_finite(new, state, known), finite), jnp.zeros_like(grad)
 
 
 def _update_tensor(parts, state: KronState, grad: jax.Array, count: jax.Array):
@@ -140,8 +144,9 @@ def _update_tensor(parts, state: KronState, grad: jax.Array, count: jax.Array):
   """
   finite = jnp.all(jnp.isfinite(grad))
   grad = jnp.where(finite, grad, 0.0)
-  out = _run([p.update for p in parts], state, grad, count)
-  ok = finite & _all_finite(out.state, state) & jnp.all(jnp.isfinite(out.update))
+  with declared_finite() as known:
+    out = _run([p.update for p in parts], state, grad, count)
+  ok = finite & _all_finite(out.state, state, known) & jnp.all(jnp.isfinite(out.update))
   return _guard(state, out.state, ok, finite), jnp.where(ok, out.update, 0.0)
 
 

@@ -406,6 +406,45 @@ def test_failed_qr_inside_a_recipe_keeps_training(monkeypatch):
     assert (np.asarray(g.slots["refreshes"]) == 0).all()
 
 
+def test_values_parts_declare_finite_are_not_checked_again(monkeypatch):
+  # Eigenvalue estimates and refreshed bases keep their previous values wherever
+  # a new one is not finite, and say so (kl_optax.declare_finite): the guard
+  # leaves them out of its check. Without the declarations every slot is checked.
+  params, grads = {"w": jnp.zeros((6, 5))}, {"w": jnp.ones((6, 5))}
+
+  def checks():
+    tx = kl_optax.kl_shampoo(1e-2)
+    return jax.jit(tx.update).lower(grads, tx.init(params), params).as_text().count(
+        "stablehlo.is_finite")
+
+  declared = checks()
+  monkeypatch.setattr(kl_optax.parts, "declare_finite", lambda x: x)
+  assert declared < checks()
+
+
+def test_only_the_declared_array_itself_escapes_the_check():
+  # A part declares its slot finite; a later part turns it into NaN. The new
+  # array is not the declared one, so the guard catches it: the step is skipped.
+  def declare(step):
+    return step._replace(state=step.state.with_slots(
+        v=kl_optax.declare_finite(step.state.slots["v"] + 1.0)))
+
+  def poison(step):
+    return step._replace(state=step.state.with_slots(v=step.state.slots["v"] * jnp.nan))
+
+  slots = lambda shape: {"v": jnp.zeros(shape)}
+  params = {"w": jnp.ones((4, 3))}
+  for fns, skipped in [((declare,), 0), ((declare, poison), 1)]:
+    tx = kl_optax.kron_transform(*[kl_optax.Part(update=f, init_slots=slots) for f in fns])
+    state = tx.init(params)
+    for _ in range(2):   # the initialization step, then a regular one
+      _, state = jax.jit(tx.update)(params, state, params)
+    (group,) = state.groups
+    assert int(group.slots["nonfinite_skips"][0]) == skipped
+    assert bool(jnp.all(jnp.isfinite(group.slots["v"])))
+    assert float(group.slots["v"][0, 0, 0]) == (0.0 if skipped else 1.0)
+
+
 # ---------------------------------------------------------------- input validation
 
 BAD_ARGS = [("b1", 1.0), ("b1", -0.1), ("b2", 1.0), ("b2", -0.5), ("eps", -1e-8),
