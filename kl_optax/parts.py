@@ -639,7 +639,7 @@ def _ema_eigenvalue(b2: float, lam: jax.Array, delta: jax.Array, dim: int,
   """``max(b2 λ + (1 − b2) δ, floor)``; a non-finite result keeps the old ``λ``."""
   beta = _f32(b2)
   new = jnp.maximum(beta * lam + (1.0 - beta) * delta, clamp_floor(dim, max_clamp))
-  return declare_finite(jnp.where(jnp.isfinite(new), new, lam))
+  return declare_finite(jnp.where(jnp.isfinite(new), new, lam), given=[lam])
 
 
 UPDATE_ORDERS = ("jacobi", "authors")
@@ -870,10 +870,11 @@ def _adaptive_iterations_jvp(max_iters, primals, tangents):
   return (q_out, n), (dq_out, jnp.zeros_like(n))
 
 
-def _finite_bases(state: KronState) -> KronState:
-  """``state`` with its bases declared finite: a refresh keeps the old basis
-  wherever the new one is not finite, so no basis it writes needs checking."""
-  return state._replace(bases=tuple(declare_finite(q) for q in state.bases))
+def _finite_bases(state: KronState, old: KronState) -> KronState:
+  """``state`` with its bases declared finite given ``old``'s: a refresh keeps
+  the old basis wherever the new one is not finite."""
+  return state._replace(bases=tuple(declare_finite(q, given=[p])
+                                    for q, p in zip(state.bases, old.bases)))
 
 
 def qr_basis_refresh(
@@ -944,7 +945,8 @@ def qr_basis_refresh(
       bases.append(jnp.where(ok, v, q))
       failed.append(~ok)
     _count(slots, REFRESH_FAILURES, failed)
-    return step._replace(state=_finite_bases(step.state._replace(bases=tuple(bases), slots=slots)))
+    return step._replace(state=_finite_bases(
+        step.state._replace(bases=tuple(bases), slots=slots), step.state))
 
   def refresh(state: KronState) -> KronState:
     slots = dict(state.slots)
@@ -986,7 +988,7 @@ def qr_basis_refresh(
   def update(step: TensorStep) -> TensorStep:
     due = (step.count % precondition_frequency) == 0
     state = jax.lax.cond(due, refresh, lambda st: st, step.state)
-    return step._replace(state=_finite_bases(state))
+    return step._replace(state=_finite_bases(state, step.state))
 
   return Part(update=update, first_update=first_update, init_slots=_refresh_init,
               name="qr_basis_refresh")
@@ -1080,12 +1082,12 @@ def eigh_basis_refresh(
     slots = dict(st.slots)
     _count(slots, REFRESH_FAILURES, [~o[2] for o in out])
     return step._replace(state=_finite_bases(with_roots(st._replace(
-        eigvals=tuple(o[0] for o in out), bases=tuple(o[1] for o in out), slots=slots))))
+        eigvals=tuple(o[0] for o in out), bases=tuple(o[1] for o in out), slots=slots)), st))
 
   def update(step: TensorStep) -> TensorStep:
     due = (step.count % precondition_frequency) == 0
     return step._replace(state=_finite_bases(
-        jax.lax.cond(due, refresh, lambda st: st, step.state)))
+        jax.lax.cond(due, refresh, lambda st: st, step.state), step.state))
 
   # Shampoo's inverse roots use these eigenvalues: a bfloat16-stored factor would lose
   # its small eigenvalues (its loss on a regression was 7x float32's), so keep it float32.

@@ -20,7 +20,7 @@ This module imports nothing from the rest of the package. It defines:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -242,37 +242,43 @@ def init_kron_state(shape: Shape, slots: Mapping[str, jax.Array] | None = None) 
 # Values a part guarantees finite
 # ----------------------------------------------------------------------------
 
-_DECLARED: list[list[Any]] = []
+_DECLARED: list[list[tuple[Any, tuple[Any, ...]]]] = []
 
 
-def declare_finite(x: jax.Array) -> jax.Array:
-  """Returns ``x``, noted as finite by construction for the step being traced.
+def declare_finite(x: jax.Array, given: Sequence[jax.Array] = ()) -> jax.Array:
+  """Returns ``x``, noted as finite whenever the arrays in ``given`` are.
 
   A part calls it on a value it writes into the state when that value cannot
-  be non-finite given a finite state: it falls back to the previous value
+  be non-finite unless its inputs are: it falls back to the previous value
   wherever the new one is not finite (an eigenvalue estimate, a refreshed
-  basis). The non-finite guard of [`kron_transform`][kl_optax.transform.kron_transform]
-  then leaves the array out of its finiteness check, which saves a pass over
-  it and the compiled reduction; the guard still restores it when the tensor
-  skips the step. The note holds for that array object only (compared with
-  ``is``): anything computed from it is checked. Outside a guarded step it
-  does nothing.
+  basis), and ``given`` holds those previous values. The non-finite guard of
+  [`kron_transform`][kl_optax.transform.kron_transform] then leaves ``x`` out
+  of its finiteness check when every array in ``given`` is one the step read
+  from the stored state (which the guard keeps finite) or is itself declared
+  finite; that saves a pass over ``x`` and the compiled reduction. The guard
+  still restores ``x`` when the tensor skips the step. The note holds for the
+  array object ``x`` only (compared with ``is``): anything computed from it is
+  checked. Outside a guarded step it does nothing.
+
+  Args:
+    x: the value the part writes.
+    given: the arrays whose finiteness implies ``x``'s (``()``: always finite).
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from kl_optax.state import declare_finite
     >>> lam, new = jnp.ones(3), jnp.array([2.0, jnp.nan, 3.0])
-    >>> declare_finite(jnp.where(jnp.isfinite(new), new, lam))
+    >>> declare_finite(jnp.where(jnp.isfinite(new), new, lam), given=[lam])
     Array([2., 1., 3.], dtype=float32)
   """
   if _DECLARED:
-    _DECLARED[-1].append(x)
+    _DECLARED[-1].append((x, tuple(given)))
   return x
 
 
 @contextlib.contextmanager
-def declared_finite() -> Iterator[list[Any]]:
-  """Collects the arrays [`declare_finite`][kl_optax.state.declare_finite] notes inside the block."""
+def declared_finite() -> Iterator[list[tuple[Any, tuple[Any, ...]]]]:
+  """Collects the notes of [`declare_finite`][kl_optax.state.declare_finite] made inside the block."""
   _DECLARED.append([])
   try:
     yield _DECLARED[-1]

@@ -95,14 +95,29 @@ def _all_finite(tree, old=None, known=()) -> jax.Array:
   Leaves that are ``old``'s own arrays (the same traced value: a part passed the
   slot through unchanged) are not checked again: the state is finite by
   construction, and skipping them saves a pass over every factor and basis a
-  step leaves alone (and its compiled reduction). Nor are the arrays in
-  ``known``, which parts declared finite ([`kl_optax.state.declare_finite`][kl_optax.state.declare_finite]).
+  step leaves alone (and its compiled reduction). Nor are the arrays that
+  ``known`` (the notes of [`kl_optax.state.declare_finite`][kl_optax.state.declare_finite]) shows finite
+  given ``old``.
   """
-  olds = jax.tree.leaves(old) if old is not None else [None] * len(jax.tree.leaves(tree))
+  old_leaves = jax.tree.leaves(old) if old is not None else []
+  olds = old_leaves or [None] * len(jax.tree.leaves(tree))
+  finite = _finite_given(old_leaves, known)
   leaves = [jnp.all(jnp.isfinite(x)) for x, o in zip(jax.tree.leaves(tree), olds)
-            if jnp.issubdtype(x.dtype, jnp.inexact) and x is not o
-            and not any(x is k for k in known)]
+            if jnp.issubdtype(x.dtype, jnp.inexact) and x is not o and not finite(x)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _finite_given(old_leaves, known):
+  """``x -> bool``: whether a note in ``known`` makes ``x`` finite, given the
+  finite arrays ``old_leaves`` (compared with ``is``)."""
+
+  def finite(x, depth=0):
+    if any(x is o for o in old_leaves):
+      return True
+    return depth < 8 and any(
+        k is x and all(finite(g, depth + 1) for g in given) for k, given in known)
+
+  return finite
 
 
 def _guard(old: KronState, new: KronState, ok: jax.Array, finite: jax.Array) -> KronState:

@@ -418,29 +418,37 @@ def test_values_parts_declare_finite_are_not_checked_again(monkeypatch):
         "stablehlo.is_finite")
 
   declared = checks()
-  monkeypatch.setattr(kl_optax.parts, "declare_finite", lambda x: x)
+  monkeypatch.setattr(kl_optax.parts, "declare_finite", lambda x, given=(): x)
   assert declared < checks()
 
 
 def test_only_the_declared_array_itself_escapes_the_check():
-  # A part declares its slot finite; a later part turns it into NaN. The new
-  # array is not the declared one, so the guard catches it: the step is skipped.
+  # A part declares its slot finite given the stored slot. A later part turning
+  # the slot into NaN makes a new array, which the guard checks; so is a value
+  # declared finite given an array that is neither stored nor declared. Either
+  # way the tensor skips the step and the slot keeps its value.
   def declare(step):
+    v = step.state.slots["v"]
     return step._replace(state=step.state.with_slots(
-        v=kl_optax.declare_finite(step.state.slots["v"] + 1.0)))
+        v=kl_optax.declare_finite(v + 1.0, given=[v])))
 
   def poison(step):
     return step._replace(state=step.state.with_slots(v=step.state.slots["v"] * jnp.nan))
 
+  def declare_given_unchecked(step):
+    bad = step.state.slots["v"] * jnp.nan
+    return step._replace(state=step.state.with_slots(
+        v=kl_optax.declare_finite(bad + 1.0, given=[bad])))
+
   slots = lambda shape: {"v": jnp.zeros(shape)}
   params = {"w": jnp.ones((4, 3))}
-  for fns, skipped in [((declare,), 0), ((declare, poison), 1)]:
+  for fns, skipped in [((declare,), 0), ((declare, poison), 1), ((declare_given_unchecked,), 1)]:
     tx = kl_optax.kron_transform(*[kl_optax.Part(update=f, init_slots=slots) for f in fns])
     state = tx.init(params)
     for _ in range(2):   # the initialization step, then a regular one
       _, state = jax.jit(tx.update)(params, state, params)
     (group,) = state.groups
-    assert int(group.slots["nonfinite_skips"][0]) == skipped
+    assert int(group.slots["nonfinite_skips"][0]) == skipped, fns
     assert bool(jnp.all(jnp.isfinite(group.slots["v"])))
     assert float(group.slots["v"][0, 0, 0]) == (0.0 if skipped else 1.0)
 
