@@ -92,18 +92,16 @@ def _tensor_state(parts: tuple[Part, ...], shape: tuple[int, ...]) -> KronState:
 def _all_finite(tree, old=None, known=()) -> jax.Array:
   """Whether every floating leaf of ``tree`` is finite.
 
-  Leaves that are ``old``'s own arrays (the same traced value: a part passed the
+  Leaves that are arrays of ``old`` (the same traced value: a part passed the
   slot through unchanged) are not checked again: the state is finite by
   construction, and skipping them saves a pass over every factor and basis a
   step leaves alone (and its compiled reduction). Nor are the arrays that
   ``known`` (the notes of [`kl_optax.state.declare_finite`][kl_optax.state.declare_finite]) shows finite
   given ``old``.
   """
-  old_leaves = jax.tree.leaves(old) if old is not None else []
-  olds = old_leaves or [None] * len(jax.tree.leaves(tree))
-  finite = _finite_given(old_leaves, known)
-  leaves = [jnp.all(jnp.isfinite(x)) for x, o in zip(jax.tree.leaves(tree), olds)
-            if jnp.issubdtype(x.dtype, jnp.inexact) and x is not o and not finite(x)]
+  finite = _finite_given(jax.tree.leaves(old) if old is not None else [], known)
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact) and not finite(x)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
