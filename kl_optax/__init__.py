@@ -21,7 +21,8 @@ Composable parts (``kl_optax.parts``, ``kl_optax.pro``, ``kl_optax.newton_schulz
   ``scale_by_newton_schulz``).
 State types (``kl_optax.state``)
   ``KronState``, ``TensorStep``, ``Part``, ``KronTransformState``, the slot names
-  and ``declare_finite`` (a part's note that a value it wrote needs no check).
+  ``declare_finite`` (a part's note that a value it wrote needs no check) and
+  ``all_finite`` (the finiteness test of the non-finite guard).
 The wrapper (``kl_optax.transform``) and the tensor plan (``kl_optax.plan``)
   ``kron_transform`` turns parts into an optax transformation; ``plan_tensors``
   shows how leaves are squeezed, blocked and grouped.
@@ -96,6 +97,7 @@ from kl_optax.state import (
     SpikeGuardState,
     TensorStep,
     ZeroNonFiniteState,
+    all_finite,
     declare_finite,
     init_kron_state,
 )
@@ -119,6 +121,7 @@ __all__ = sorted([
     "TensorStep",
     "ZeroNonFiniteState",
     "adam_grafting",
+    "all_finite",
     "adam_states",
     "adam_in_eigenbasis",
     "cached_inverse_root",

@@ -22,6 +22,7 @@ handled by ``jax.vmap`` around them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -302,7 +303,9 @@ def _batch_sequentially(fn, *, gpu_loop_from: int | None = None):
   return wrapped
 
 
-_eigh_primal = _batch_sequentially(jnp.linalg.eigh)
+# eigh_descending symmetrizes its input itself: eigh's own symmetrization
+# would be a second pass (and a second compiled kernel) per call.
+_eigh_primal = _batch_sequentially(functools.partial(jnp.linalg.eigh, symmetrize_input=False))
 _qr_primal = _batch_sequentially(jnp.linalg.qr, gpu_loop_from=_GPU_QR_LOOP_FROM)
 _upper_inverse = _batch_sequentially(
     lambda r: jax.scipy.linalg.solve_triangular(r, jnp.eye(r.shape[-1], dtype=r.dtype)))

@@ -64,6 +64,7 @@ from kl_optax.state import (
     Part,
     Shape,
     TensorStep,
+    all_finite,
     declare_finite,
 )
 
@@ -556,7 +557,7 @@ def scaled_start(rule: str, g: jax.Array, moments: list[jax.Array] | None,
     out = [jnp.full(w.shape, root) for w in moments]
   else:
     out = [0.5 * (jnp.maximum(w, 0.0) + ms) * (root / ms) for w in moments]
-  return tuple(jnp.where(ok & jnp.all(jnp.isfinite(lam)), lam, _f32(_FALLBACK_START))
+  return tuple(jnp.where(ok & all_finite(lam), lam, _f32(_FALLBACK_START))
                for lam in out)
 
 
@@ -941,7 +942,7 @@ def qr_basis_refresh(
         failed.append(jnp.bool_(False))
         continue
       v = kron.eigh_descending(s)[1]
-      ok = jnp.all(jnp.isfinite(v))
+      ok = all_finite(v)
       bases.append(jnp.where(ok, v, q))
       failed.append(~ok)
     _count(slots, REFRESH_FAILURES, failed)
@@ -973,7 +974,7 @@ def qr_basis_refresh(
         q_new, n = kron.qr_power_step(s, q), jnp.int32(1)
       else:
         q_new, n = _qr_iterations(s, q, tol, iters)
-      ok = jnp.all(jnp.isfinite(q_new))
+      ok = all_finite(q_new)
       bases.append(jnp.where(ok, q_new, q))
       done.append(ok & (n > 0))
       failed.append(~ok)
@@ -1053,7 +1054,7 @@ def eigh_basis_refresh(
 
   def decompose(s, q, lam):
     w, v = kron.eigh_descending(s)
-    ok = jnp.all(jnp.isfinite(v)) & jnp.all(jnp.isfinite(w))
+    ok = all_finite(v, w)
     return jnp.where(ok, jnp.maximum(w, 0.0), lam), jnp.where(ok, v, q), ok
 
   def refresh_one(s, q, lam):

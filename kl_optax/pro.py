@@ -50,6 +50,7 @@ from kl_optax.state import (
     KronState,
     Part,
     TensorStep,
+    all_finite,
 )
 
 __all__ = [
@@ -381,7 +382,7 @@ def _left_factor_step(g, sf: SpikeFlat, s_a, qa, lam_a, beta, max_clamp):
   new_lam_a = jnp.maximum(beta * lam_a + (1.0 - beta) * delta_a, clamp_floor(m, max_clamp))
   new_lam_a = jnp.where(jnp.isfinite(new_lam_a), new_lam_a, lam_a)
   new_s_a = beta * s_a + (1.0 - beta) * inc
-  new_s_a = jnp.where(jnp.all(jnp.isfinite(new_s_a)), new_s_a, s_a)
+  new_s_a = jnp.where(all_finite(new_s_a), new_s_a, s_a)
   return new_s_a, new_lam_a, ga, za
 
 
@@ -415,7 +416,7 @@ def _subspace_step(w, wu, sf: SpikeFlat, sketch, beta):
   if sketch is None:
     return beta * sf.basis * sf.eigvals + (1.0 - beta) * power
   new = beta * sketch + (1.0 - beta) * power
-  return jnp.where(jnp.all(jnp.isfinite(new)), new, sketch)
+  return jnp.where(all_finite(new), new, sketch)
 
 
 def _refresh_subspace(options: _ProjectionOptions, st: KronState, sketch) -> KronState:
@@ -424,8 +425,7 @@ def _refresh_subspace(options: _ProjectionOptions, st: KronState, sketch) -> Kro
   new = spike_flat_reexpress(sf, kron.qr_orthonormal(sketch))
   floor = clamp_floor(sf.basis.shape[0], options.max_clamp)
   new = new._replace(eigvals=jnp.maximum(new.eigvals, floor), flat=jnp.maximum(new.flat, floor))
-  ok = (jnp.all(jnp.isfinite(new.basis)) & jnp.all(jnp.isfinite(new.eigvals))
-        & jnp.isfinite(new.flat))
+  ok = all_finite(new.basis, new.eigvals, new.flat)
   new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, sf)
   st = _with_spike_flat(st, new)
   if options.accumulate:

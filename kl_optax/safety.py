@@ -30,7 +30,8 @@ import optax
 
 from kl_optax import trees
 from kl_optax import validation
-from kl_optax.state import KronTransformState, SkipNonFiniteState, SpikeGuardState, ZeroNonFiniteState
+from kl_optax.state import (KronTransformState, SkipNonFiniteState, SpikeGuardState,
+                             ZeroNonFiniteState, all_finite)
 
 __all__ = [
     "check_gradients",
@@ -41,7 +42,7 @@ __all__ = [
 
 
 def _finite(x) -> jax.Array:
-  return jnp.all(jnp.isfinite(x))
+  return all_finite(x)
 
 
 def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:

@@ -34,7 +34,7 @@ from kl_optax import sharding
 from kl_optax import trees
 from kl_optax import validation
 from kl_optax.state import (NONFINITE_SKIPS, KronState, KronTransformState, Part, TensorStep,
-                            declared_finite, init_kron_state)
+                            all_finite, declared_finite, init_kron_state)
 
 __all__ = ["kron_transform"]
 
@@ -100,9 +100,7 @@ def _all_finite(tree, old=None, known=()) -> jax.Array:
   given ``old``.
   """
   finite = _finite_given(jax.tree.leaves(old) if old is not None else [], known)
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact) and not finite(x)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+  return all_finite(*(x for x in jax.tree.leaves(tree) if not finite(x)))
 
 
 def _finite_given(old_leaves, known):
@@ -140,7 +138,7 @@ def _initialize_tensor(parts, state: KronState, grad: jax.Array, count: jax.Arra
 
   A non-finite gradient initializes from zeros.
   """
-  finite = jnp.all(jnp.isfinite(grad))
+  finite = all_finite(grad)
   grad = jnp.where(finite, grad, 0.0)
   fns = [p.first_update for p in parts if p.first_update is not None]
   # e.g. the eigenvalue start and the basis: one eigh
@@ -155,11 +153,11 @@ def _update_tensor(parts, state: KronState, grad: jax.Array, count: jax.Array):
   A non-finite gradient, or statistics or an update that overflowed: the
   tensor skips the step (state kept, zero update).
   """
-  finite = jnp.all(jnp.isfinite(grad))
+  finite = all_finite(grad)
   grad = jnp.where(finite, grad, 0.0)
   with declared_finite() as known:
     out = _run([p.update for p in parts], state, grad, count)
-  ok = finite & _all_finite(out.state, state, known) & jnp.all(jnp.isfinite(out.update))
+  ok = finite & _all_finite((out.state, out.update), state, known)
   return _guard(state, out.state, ok, finite), jnp.where(ok, out.update, 0.0)
 
 
