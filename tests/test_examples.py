@@ -571,6 +571,16 @@ def test_port_benchmark_runs_with_a_stand_in_port(tmp_path, monkeypatch):
     assert rows["kl_optax (port's settings)"]["state_bytes"] == rows["port"]["state_bytes"]
   text = (tmp_path / "p" / "results.md").read_text()
   assert "d_model 8" in text and "| port |" in text and "refresh / ordinary" in text
+  assert "optimizer state donated" in text
+  # Without donated buffers: the same training (XLA may fuse the two programs
+  # differently, so to float32 rounding).
+  again = port.main(["--widths", "8", "--layers", "1", "--heads", "2", "--context", "8",
+                     "--batch", "2", "--steps", "21", "--compile-repeats", "1", "--no-donate",
+                     "--out", str(tmp_path / "q")])
+  for a, b in zip(report["widths"][8]["rows"], again["widths"][8]["rows"]):
+    assert a["optimizer"] == b["optimizer"]
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, err_msg=a["optimizer"])
+  assert "optimizer state not donated" in (tmp_path / "q" / "results.md").read_text()
 
 
 def test_scale_out_benchmark_runs_with_variants(tmp_path):

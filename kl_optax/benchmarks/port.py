@@ -1,7 +1,7 @@
 """KL-Shampoo beside the public JAX port ``kl_shampoo_jax``: step, refresh, compile, memory.
 
 Usage (the port is not a dependency of this package; install it from its source
-first; about 12 minutes on a 2-core CPU):
+first; about 6 minutes on a 2-core CPU):
 
     pip install git+https://github.com/bentherien/kl_shampoo_jax
     python -m kl_optax.benchmarks.port --out runs/port
@@ -25,8 +25,9 @@ train steps (every 10th step refreshes the bases), the refresh/ordinary ratio, t
 train step's compile time (median of ``--compile-repeats`` fresh compiles), XLA's
 scratch memory of the train step and the optimizer-state bytes, each also as a
 ratio to AdamW; and the largest difference between the train losses of
-``kl_optax (port's settings)`` and the port. Writes ``results.json`` and
-``results.md`` to ``--out``.
+``kl_optax (port's settings)`` and the port. The train step takes the parameters
+and the optimizer state as donated buffers, as training loops do (``--no-donate``:
+not). Writes ``results.json`` and ``results.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def _parse(argv):
   p.add_argument("--widths", default="128,256", help="comma-separated d_model values")
   p.add_argument("--learning-rate", type=float, default=4e-3)
   p.add_argument("--compile-repeats", type=int, default=3)
+  p.add_argument("--no-donate", action="store_true",
+                 help="do not donate the parameters and the optimizer state to the train step")
   p.add_argument("--out", default="runs/port")
   return p.parse_args(argv)
 
@@ -87,11 +90,11 @@ def _optimizers(schedule) -> dict[str, optax.GradientTransformation]:
   }
 
 
-def _compile(setup, tx, params, state, batch):
+def _compile(setup, tx, params, state, batch, donate: bool = True):
   """A fresh jit of the train step, compiled; returns (compiled, seconds)."""
   step = harness.train_step(setup, tx)  # a new function each time: no cache hit
   t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+  compiled = jax.jit(step, donate_argnums=(0, 1) if donate else ()).lower(
       params, state, setup.rest, *batch).compile()
   return compiled, time.perf_counter() - t0
 
@@ -106,7 +109,8 @@ def _width(args, d_model: int) -> dict:
     state = tx.init(setup.params)
     compiles = []
     for _ in range(max(1, args.compile_repeats)):
-      compiled, seconds = _compile(setup, tx, setup.params, state, work.batches(0))
+      compiled, seconds = _compile(setup, tx, setup.params, state, work.batches(0),
+                                   donate=not args.no_donate)
       compiles.append(seconds)
     runs[name] = {"step": compiled, "params": jax.tree.map(jnp.copy, setup.params),
                   "state": state, "compile_s": statistics.median(compiles),
@@ -147,7 +151,8 @@ def main(argv=None) -> dict:
   report = {"device": device.device_kind, "widths": {}}
   lines = [f"{device.device_kind}; character GPT, {args.layers} layers, context {args.context}, "
            f"batch {args.batch}, {args.steps} steps at peak learning rate "
-           f"{args.learning_rate:g}; ratios to AdamW in the same process.", ""]
+           f"{args.learning_rate:g}; ratios to AdamW in the same process; parameters and "
+           f"optimizer state {'not ' if args.no_donate else ''}donated.", ""]
   for d_model in widths:
     out = _width(args, d_model)
     report["widths"][d_model] = out
