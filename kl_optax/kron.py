@@ -22,8 +22,8 @@ handled by ``jax.vmap`` around them.
 from __future__ import annotations
 
 import contextlib
-import functools
 import contextvars
+import functools
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
