@@ -557,7 +557,8 @@ def scaled_start(rule: str, g: jax.Array, moments: list[jax.Array] | None,
     out = [jnp.full(w.shape, root) for w in moments]
   else:
     out = [0.5 * (jnp.maximum(w, 0.0) + ms) * (root / ms) for w in moments]
-  return tuple(jnp.where(ok & all_finite(lam), lam, _f32(_FALLBACK_START))
+  # Finite by construction (the fallback), so the guard need not check them again.
+  return tuple(declare_finite(jnp.where(ok & all_finite(lam), lam, _f32(_FALLBACK_START)))
                for lam in out)
 
 
