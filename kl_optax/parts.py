@@ -552,14 +552,18 @@ def scaled_start(rule: str, g: jax.Array, moments: list[jax.Array] | None,
   ms = jnp.where(ok, ms, 1.0)
   root = jnp.power(ms, 1.0 / order)
   if moments is None:
-    out = [jnp.full((d,), root) for d in g.shape]
+    out = [(jnp.full((d,), root), ok) for d in g.shape]
   elif rule == "rms":
-    out = [jnp.full(w.shape, root) for w in moments]
+    out = [(jnp.full(w.shape, root), ok) for w in moments]
   else:
-    out = [0.5 * (jnp.maximum(w, 0.0) + ms) * (root / ms) for w in moments]
+    # λ_k is finite wherever w_k is: the check reads w_k, which is known before
+    # λ_k, so that the fallback fuses into λ_k's computation instead of waiting
+    # for a reduction over it.
+    out = [(0.5 * (jnp.maximum(w, 0.0) + ms) * (root / ms), ok & all_finite(w))
+           for w in moments]
   # Finite by construction (the fallback), so the guard need not check them again.
-  return tuple(declare_finite(jnp.where(ok & all_finite(lam), lam, _f32(_FALLBACK_START)))
-               for lam in out)
+  return tuple(declare_finite(jnp.where(fine & jnp.isfinite(lam), lam, _f32(_FALLBACK_START)))
+               for lam, fine in out)
 
 
 def ema_eigenvalues(

@@ -506,3 +506,23 @@ def test_spectrum_start_shares_the_bases_eigendecomposition():
   # Outside the initialization step nothing is shared: two calls, two decompositions.
   s = jnp.diag(jnp.array([2.0, 1.0]))
   assert kl_optax.kron.eigh_descending(s) is not kl_optax.kron.eigh_descending(s)
+
+
+@pytest.mark.parametrize("rule", ["rms", "spectrum"])
+def test_starting_estimates_fall_back_where_they_would_not_be_finite(rule):
+  """A mode whose marginal moments are not finite (a failed eigh) starts at 0.1 while the
+  other keeps the rule; a zero or non-finite gradient starts at 0.1 everywhere. The
+  estimates are then finite by construction and declared so (the guard skips them)."""
+  g = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+  moments = [jnp.array([3.0, 2.0, 1.0, 0.5]), jnp.array([2.0, jnp.nan, 1.0])]
+  good = kl_optax.parts.scaled_start(rule, g, [moments[0], jnp.array([2.0, 1.5, 1.0])])
+  with kl_optax.state.declared_finite() as notes:
+    lam = jax.jit(lambda g, m: kl_optax.parts.scaled_start(rule, g, m))(g, moments)
+    traced = kl_optax.parts.scaled_start(rule, g, moments)
+  np.testing.assert_array_equal(lam[0], good[0])
+  want = good[1] if rule == "rms" else jnp.full(3, 0.1)   # "rms" does not read the moments
+  np.testing.assert_array_equal(lam[1], want)
+  assert [any(x is n for n, _ in notes) for x in traced] == [True, True]
+  for bad in (jnp.zeros((4, 3)), g.at[0, 0].set(jnp.inf)):
+    for x in kl_optax.parts.scaled_start(rule, bad, moments):
+      np.testing.assert_array_equal(x, jnp.full(x.shape, 0.1))
