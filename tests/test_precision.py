@@ -12,6 +12,7 @@ import pytest
 
 import kl_optax
 from kl_optax import kron
+from kl_optax import transform
 
 RECIPES = ["kl_shampoo", "kl_soap", "soap", "shampoo", "eshampoo", "pro_kl_shampoo"]
 
@@ -63,18 +64,34 @@ def test_bfloat16_compute_stays_close_to_float32_and_is_not_ignored(name):
   assert jax.tree.map(lambda x: x.dtype, ref_state) == jax.tree.map(lambda x: x.dtype, low_state)
 
 
-def test_the_initialization_step_computes_in_float32_under_bfloat16():
-  # The first update's statistics feed eigendecompositions (the bases, the "spectrum"
-  # start): they are computed at float32 whatever compute_dtype says.
+def _initialized(layout):
+  """The per-group states after kl_shampoo's first (initialization) update."""
   params = _params()
-  grads = _grads(params, 0)
-  states = []
-  for layout in (None, kl_optax.Layout(compute_dtype=jnp.bfloat16)):
-    tx = kl_optax.kl_shampoo(1e-2, layout=layout)
-    _, state = jax.jit(tx.update)(grads, tx.init(params), params)
-    states.append(kl_optax.kron_states(state))
-  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tx = kl_optax.kl_shampoo(1e-2, layout=layout)
+  _, state = jax.jit(tx.update)(_grads(params, 0), tx.init(params), params)
+  return [g for ks in kl_optax.kron_states(state) for g in ks.groups]
+
+
+def _largest_relative_gap(a, b):
+  return max(float(jnp.abs(x - y).max() / jnp.maximum(jnp.abs(x).max(), 1e-30))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+             if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def test_the_initialization_step_computes_in_float32_under_bfloat16(monkeypatch):
+  # The first update's statistics feed eigendecompositions (the bases, the "spectrum"
+  # start): they are computed at float32 whatever compute_dtype says. The two
+  # programs differ in their regular step, so the eigendecompositions of the
+  # same factors may differ in their last bits (1e-6 seen on an x86_64 CPU);
+  # statistics in bfloat16 would be off by about 1e-3, as the second half shows.
+  reference = _initialized(None)
+  low = _initialized(kl_optax.Layout(compute_dtype=jnp.bfloat16))
+  assert _largest_relative_gap(reference, low) <= 1e-5
+  # Without the float32 settings around the initialization the same check fails.
+  monkeypatch.setattr(transform, "_float32_products", lambda fn, *args: fn(*args))
+  rounded = _initialized(kl_optax.Layout(compute_dtype=jnp.bfloat16))
+  assert _largest_relative_gap([g.factors for g in reference],
+                               [g.factors for g in rounded]) > 1e-4
 
 
 def test_default_settings_are_float32_at_highest_precision():
