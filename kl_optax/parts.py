@@ -290,9 +290,14 @@ def _inverse_root_slot(mode: int) -> str:
   return f"{INVERSE_ROOT}_{mode}"
 
 
+def _inverse_root_scale(lam: jax.Array, eps: float, p: float) -> jax.Array:
+  """``(max(λ, 0) + eps)^{-p}``."""
+  return jnp.power(jnp.maximum(lam, 0.0) + _f32(eps), -_f32(p))
+
+
 def _inverse_root_matrix(q: jax.Array, lam: jax.Array, eps: float, p: float) -> jax.Array:
   """``Q diag((max(λ, 0) + eps)^{-p}) Qᵀ``, in float32 whatever the compute setting."""
-  scale = jnp.power(jnp.maximum(lam, 0.0) + _f32(eps), -_f32(p))
+  scale = _inverse_root_scale(lam, eps, p)
   with kron.matmul_settings():  # float32 at HIGHEST: the cache is used for many steps
     return kron.matmul(q * scale, q.T)
 
@@ -1046,13 +1051,24 @@ def eigh_basis_refresh(
   if inverse_root_exponent is not None:
     validation.check_range("inverse_root_exponent", inverse_root_exponent, 0.0, None)
 
+  def exponent(state: KronState) -> float:
+    return 1.0 / (2 * len(state.bases)) if inverse_root_exponent is None else inverse_root_exponent
+
   def with_roots(state: KronState) -> KronState:
     if inverse_root_eps is None:
       return state
-    p = 1.0 / (2 * len(state.bases)) if inverse_root_exponent is None else inverse_root_exponent
     return state.with_slots(**{
-        _inverse_root_slot(k): _inverse_root_matrix(q, lam, inverse_root_eps, p)
+        _inverse_root_slot(k): _inverse_root_matrix(q, lam, inverse_root_eps, exponent(state))
         for k, (q, lam) in enumerate(zip(state.bases, state.eigvals))})
+
+  def initial_roots(state: KronState) -> KronState:
+    # The initial bases are the identity (init_kron_state), so each root is the
+    # diagonal matrix of the scales: Q diag(scale) Qᵀ exactly, without the d³
+    # product, which XLA does not fold (and which the initialization step,
+    # which rebuilds this state, would otherwise compute as well).
+    return state.with_slots(**{
+        _inverse_root_slot(k): jnp.diag(_inverse_root_scale(lam, inverse_root_eps, exponent(state)))
+        for k, lam in enumerate(state.eigvals)})
 
   def init_slots(shape):
     slots = _refresh_init(shape)
@@ -1103,6 +1119,6 @@ def eigh_basis_refresh(
   # The roots always match the bases and eigenvalues, from the initial state on (so a
   # skipped initialization step leaves the initial roots, not zeros).
   return Part(update=update, first_update=first_update, init_slots=init_slots,
-              init_state=with_roots if inverse_root_eps is not None else None,
+              init_state=initial_roots if inverse_root_eps is not None else None,
               name="eigh_basis_refresh", float32_factors=True,
               float32_slots=(INVERSE_ROOT,) if inverse_root_eps is not None else ())

@@ -135,7 +135,9 @@ class Part(NamedTuple):
       the slots are created (``None``: nothing). A part that keeps a mode's
       factor in another form ([`kl_optax.spike_flat_projection`][kl_optax.pro.spike_flat_projection]) uses it
       to replace that mode's dense factor, basis and eigenvalues by one-row
-      placeholders (``(1, d)``, ``(1,)``).
+      placeholders (``(1, d)``, ``(1,)``). It runs in ``init`` and again in
+      the initialization step (which rebuilds the initial state rather than
+      reading it), so it should be a cheap pure function.
     float32_factors: the part reads eigenvalues of the stored factors
       ([`kl_optax.eigh_basis_refresh`][kl_optax.parts.eigh_basis_refresh]): the factors are then stored in at
       least float32 whatever the storage dtype, because rounding a factor to

@@ -136,8 +136,15 @@ def _run(fns, state: KronState, grad: jax.Array, count: jax.Array) -> TensorStep
 def _initialize_tensor(parts, state: KronState, grad: jax.Array, count: jax.Array):
   """The initialization step of one tensor: statistics from ``grad``, zero update.
 
-  A non-finite gradient initializes from zeros.
+  It starts from the initial state (``_tensor_state``, in ``state``'s dtypes),
+  rebuilt here rather than read from ``state``, which at ``count == 0`` holds
+  the same values: a branch that does not read the stored state lets XLA
+  write the new state in place into donated buffers, where reading it in both
+  branches of the ``lax.cond`` made XLA copy every stored array out of the
+  ``cond`` on every step. A non-finite gradient initializes from zeros.
   """
+  state = jax.tree.map(lambda fresh, x: fresh.astype(x.dtype),
+                       _tensor_state(parts, grad.shape), state)
   finite = all_finite(grad)
   grad = jnp.where(finite, grad, 0.0)
   fns = [p.first_update for p in parts if p.first_update is not None]
