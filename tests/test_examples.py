@@ -572,19 +572,21 @@ def test_port_benchmark_runs_with_a_stand_in_port(tmp_path, monkeypatch):
   text = (tmp_path / "p" / "results.md").read_text()
   assert "d_model 8" in text and "| port |" in text and "refresh / ordinary" in text
   assert "optimizer state donated" in text
-  # Without donated buffers: the same training, to float32 rounding that the run
-  # amplifies. XLA may round the two programs' products differently in the last
-  # bit, and the eigenbases of this model's rank-deficient factors (a one-gradient
-  # 32 x 32 factor of an 8 x 32 matrix has rank 8) follow those bits on their
-  # null spaces: 3e-5 apart after 21 steps at the defaults on an AMD EPYC CPU. A
+  # Without donated buffers, and with every update after the whole backward
+  # pass: the same training, to float32 rounding that the run amplifies. XLA may
+  # round the two programs' products differently in the last bit, and the
+  # eigenbases of this model's rank-deficient factors (a one-gradient 32 x 32
+  # factor of an 8 x 32 matrix has rank 8) follow those bits on their null
+  # spaces: 3e-5 apart after 21 steps at the defaults on an AMD EPYC CPU. A
   # state read after it was overwritten would be off by a whole step's change.
   again = port.main(["--widths", "8", "--layers", "1", "--heads", "2", "--context", "8",
                      "--batch", "2", "--steps", "21", "--compile-repeats", "1", "--no-donate",
-                     "--out", str(tmp_path / "q")])
+                     "--join-gradients", "--out", str(tmp_path / "q")])
   for a, b in zip(report["widths"][8]["rows"], again["widths"][8]["rows"]):
     assert a["optimizer"] == b["optimizer"]
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-4, err_msg=a["optimizer"])
-  assert "optimizer state not donated" in (tmp_path / "q" / "results.md").read_text()
+  header = (tmp_path / "q" / "results.md").read_text()
+  assert "optimizer state not donated; every update starts after the whole backward pass" in header
 
 
 def test_scale_out_benchmark_runs_with_variants(tmp_path):

@@ -27,7 +27,11 @@ scratch memory of the train step and the optimizer-state bytes, each also as a
 ratio to AdamW; and the largest difference between the train losses of
 ``kl_optax (port's settings)`` and the port. The train step takes the parameters
 and the optimizer state as donated buffers, as training loops do (``--no-donate``:
-not). Writes ``results.json`` and ``results.md`` to ``--out``.
+not). With ``--join-gradients`` every optimizer's update waits for the whole
+backward pass (an optimization barrier on the gradients), as this package's
+stacks of same-shape tensors do anyway: on a CPU the port's per-leaf updates
+otherwise start while the backward pass is still running. Writes
+``results.json`` and ``results.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from kl_optax.benchmarks import harness, workload
 from kl_optax.benchmarks.gpu import step_times
 from kl_optax.benchmarks.harness import warmup_cosine
 
-__all__ = ["main", "port_optimizer"]
+__all__ = ["joined", "main", "port_optimizer"]
 
 PERIOD = 10  # both refresh their bases every 10th step
 INSTALL = "pip install git+https://github.com/bentherien/kl_shampoo_jax"
@@ -61,6 +65,8 @@ def _parse(argv):
   p.add_argument("--compile-repeats", type=int, default=3)
   p.add_argument("--no-donate", action="store_true",
                  help="do not donate the parameters and the optimizer state to the train step")
+  p.add_argument("--join-gradients", action="store_true",
+                 help="start every update after the whole backward pass (optimization barrier)")
   p.add_argument("--out", default="runs/port")
   return p.parse_args(argv)
 
@@ -90,6 +96,15 @@ def _optimizers(schedule) -> dict[str, optax.GradientTransformation]:
   }
 
 
+def joined(tx) -> optax.GradientTransformation:
+  """``tx`` whose update starts once every gradient is computed."""
+
+  def update(updates, state, params=None):
+    return tx.update(jax.lax.optimization_barrier(updates), state, params)
+
+  return optax.GradientTransformation(tx.init, update)
+
+
 def _compile(setup, tx, params, state, batch, donate: bool = True):
   """A fresh jit of the train step, compiled; returns (compiled, seconds)."""
   step = harness.train_step(setup, tx)  # a new function each time: no cache hit
@@ -104,6 +119,8 @@ def _width(args, d_model: int) -> dict:
   work = workload.from_args(ns)
   setup = harness.make_setup(work.model(), models.loss_fn)
   txs = _optimizers(warmup_cosine(args.learning_rate, args.steps))
+  if args.join_gradients:
+    txs = {name: joined(tx) for name, tx in txs.items()}
   runs = {}
   for name, tx in txs.items():
     state = tx.init(setup.params)
@@ -152,7 +169,9 @@ def main(argv=None) -> dict:
   lines = [f"{device.device_kind}; character GPT, {args.layers} layers, context {args.context}, "
            f"batch {args.batch}, {args.steps} steps at peak learning rate "
            f"{args.learning_rate:g}; ratios to AdamW in the same process; parameters and "
-           f"optimizer state {'not ' if args.no_donate else ''}donated.", ""]
+           f"optimizer state {'not ' if args.no_donate else ''}donated"
+           f"{'; every update starts after the whole backward pass' if args.join_gradients else ''}.",
+           ""]
   for d_model in widths:
     out = _width(args, d_model)
     report["widths"][d_model] = out
