@@ -1,7 +1,7 @@
 """KL-Shampoo beside the public JAX port ``kl_shampoo_jax``: step, refresh, compile, memory.
 
 Usage (the port is not a dependency of this package; install it from its source
-first; about 6 minutes on a 2-core CPU):
+first; 5 to 10 minutes on a 2-core CPU):
 
     pip install git+https://github.com/bentherien/kl_shampoo_jax
     python -m kl_optax.benchmarks.port --out runs/port
