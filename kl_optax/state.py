@@ -137,7 +137,8 @@ class Part(NamedTuple):
       to replace that mode's dense factor, basis and eigenvalues by one-row
       placeholders (``(1, d)``, ``(1,)``). It runs in ``init`` and again in
       the initialization step (which rebuilds the initial state rather than
-      reading it), so it should be a cheap pure function.
+      reading it), as ``init_slots`` does: both should be cheap, deterministic
+      functions of their input.
     float32_factors: the part reads eigenvalues of the stored factors
       ([`kl_optax.eigh_basis_refresh`][kl_optax.parts.eigh_basis_refresh]): the factors are then stored in at
       least float32 whatever the storage dtype, because rounding a factor to
@@ -165,7 +166,9 @@ class KronTransformState(NamedTuple):
 
   Attributes:
     count: number of updates applied so far (int32). The update with
-      ``count == 0`` is the initialization step.
+      ``count == 0`` is the initialization step: it starts from the initial
+      state, whatever ``groups`` holds (setting ``count`` back to 0 starts the
+      statistics afresh).
     groups: one stacked [`KronState`][kl_optax.state.KronState] per distinct tensor (block) shape,
       in order of first appearance among the leaves; every field has a
       leading axis over the tensors of that group. An empty tuple when no

@@ -133,18 +133,33 @@ def _run(fns, state: KronState, grad: jax.Array, count: jax.Array) -> TensorStep
   return step
 
 
-def _initialize_tensor(parts, state: KronState, grad: jax.Array, count: jax.Array):
+def _stored_initial_state(config: _Config, shape) -> KronState:
+  """The initial state of one tensor in its storage dtypes, as ``init`` stores it."""
+  return _cast_state(_tensor_state(config.parts, shape), config.dtype, config.factor_dtype,
+                     config.float32_slots)
+
+
+def _initial_state(config: _Config, state: KronState, shape) -> KronState:
+  """The stored initial state of one tensor, cast to ``state``'s (compute) dtypes.
+
+  Rebuilt (constants) rather than taken from ``state``: a branch that does
+  not read the stored state lets XLA write the new state in place into
+  donated buffers, where reading it in both branches of the ``lax.cond`` made
+  XLA copy every stored array out of the ``cond`` on every step.
+  """
+  return jax.tree.map(lambda fresh, x: fresh.astype(x.dtype),
+                      _stored_initial_state(config, shape), state)
+
+
+def _initialize_tensor(config: _Config, state: KronState, grad: jax.Array, count: jax.Array):
   """The initialization step of one tensor: statistics from ``grad``, zero update.
 
-  It starts from the initial state (``_tensor_state``, in ``state``'s dtypes),
-  rebuilt here rather than read from ``state``, which at ``count == 0`` holds
-  the same values: a branch that does not read the stored state lets XLA
-  write the new state in place into donated buffers, where reading it in both
-  branches of the ``lax.cond`` made XLA copy every stored array out of the
-  ``cond`` on every step. A non-finite gradient initializes from zeros.
+  It starts from the initial state (`_initial_state`), whatever ``state``
+  holds: at ``count == 0`` the stored state is the one ``init`` made, unless
+  it was edited by hand. A non-finite gradient initializes from zeros.
   """
-  state = jax.tree.map(lambda fresh, x: fresh.astype(x.dtype),
-                       _tensor_state(parts, grad.shape), state)
+  parts = config.parts
+  state = _initial_state(config, state, grad.shape)
   finite = all_finite(grad)
   grad = jnp.where(finite, grad, 0.0)
   fns = [p.first_update for p in parts if p.first_update is not None]
@@ -173,7 +188,7 @@ def _update_tensor(parts, state: KronState, grad: jax.Array, count: jax.Array):
 # ----------------------------------------------------------------------------
 
 
-def _run_groups(parts, states, grads, count):
+def _run_groups(config: _Config, states, grads, count):
   """The initialization or the regular step on every tensor of every group.
 
   Each group has its own ``lax.cond``: XLA then schedules the groups one
@@ -183,8 +198,8 @@ def _run_groups(parts, states, grads, count):
   group's statistics and decompositions at once, the scratch memory of
   every step.
   """
-  init = functools.partial(_float32_products, _initialize_tensor, parts)
-  regular = functools.partial(_update_tensor, parts)
+  init = functools.partial(_float32_products, _initialize_tensor, config)
+  regular = functools.partial(_update_tensor, config.parts)
   results = [jax.lax.cond(count == 0,
                           functools.partial(sharding.map_stacks, init),
                           functools.partial(sharding.map_stacks, regular),
@@ -250,7 +265,7 @@ def _step(config: _Config, tensor_plan, padded, leaves, groups, count):
   compute = _compute_dtype(config.dtype)
   grads = _pack_gradients(tensor_plan, leaves, padded, compute)
   states = tuple(_cast_state(g, compute) for g in groups)
-  new_states, outs = _run_groups(config.parts, states, grads, count)
+  new_states, outs = _run_groups(config, states, grads, count)
   new_states = tuple(_cast_state(s, config.dtype, config.factor_dtype, config.float32_slots)
                      for s in new_states)
   if sharding.context_mesh() is not None:
@@ -286,8 +301,7 @@ def _init(config: _Config, dimension_numbers, params) -> KronTransformState:
   groups = []
   for shape, n in zip(tensor_plan.group_shapes, tensor_plan.group_sizes):
     n = sharding.padded_stack_size(n, mesh)
-    one = _cast_state(_tensor_state(config.parts, shape), config.dtype, config.factor_dtype,
-                      config.float32_slots)
+    one = _stored_initial_state(config, shape)
     stack = jax.tree.map(lambda x, n=n: jnp.broadcast_to(x, (n,) + x.shape), one)
     if mesh is not None:
       stack = jax.tree.map(
@@ -342,9 +356,11 @@ def kron_transform(
   (blocks) of the same shape are stacked and processed together: one
   ``vmap``-ed step per shape group, however deep the model.
 
-  On the first update (``count == 0``) each part's ``first_update`` runs (the
-  statistics are initialized from this gradient) and the returned update is
-  zero. On every later update the parts' ``update`` functions run in the given
+  On the first update (``count == 0``) each part's ``first_update`` runs on
+  the initial state (the statistics are initialized from this gradient; the
+  stored groups are not read, so a state edited by hand before its first
+  update, or whose ``count`` was set back to 0, starts again from the initial
+  state) and the returned update is zero. On every later update the parts' ``update`` functions run in the given
   order and the final running update is returned, cast to each gradient's
   dtype.
 

@@ -573,18 +573,19 @@ def test_port_benchmark_runs_with_a_stand_in_port(tmp_path, monkeypatch):
   assert "d_model 8" in text and "| port |" in text and "refresh / ordinary" in text
   assert "optimizer state donated" in text
   # Without donated buffers, and with every update after the whole backward
-  # pass: the same training, to float32 rounding that the run amplifies. XLA may
-  # round the two programs' products differently in the last bit, and the
-  # eigenbases of this model's rank-deficient factors (a one-gradient 32 x 32
-  # factor of an 8 x 32 matrix has rank 8) follow those bits on their null
-  # spaces: 3e-5 apart after 21 steps at the defaults on an AMD EPYC CPU. A
-  # state read after it was overwritten would be off by a whole step's change.
+  # pass: the same training. XLA may round the two programs' products
+  # differently in the last bit. This model's factors are rank deficient (a
+  # one-gradient 32 x 32 factor of an 8 x 32 matrix has rank 8), so their
+  # eigenbases are arbitrary on the null spaces and LAPACK's choice there follows
+  # those bits; at the defaults the run amplifies that to a relative 3e-5 after
+  # 21 steps (seen on an AMD EPYC CPU), at the port's settings it stays below 1e-6.
   again = port.main(["--widths", "8", "--layers", "1", "--heads", "2", "--context", "8",
                      "--batch", "2", "--steps", "21", "--compile-repeats", "1", "--no-donate",
                      "--join-gradients", "--out", str(tmp_path / "q")])
   for a, b in zip(report["widths"][8]["rows"], again["widths"][8]["rows"]):
     assert a["optimizer"] == b["optimizer"]
-    np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-4, err_msg=a["optimizer"])
+    rtol = 1e-4 if a["optimizer"] == "kl_optax" else 1e-5
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=rtol, err_msg=a["optimizer"])
   header = (tmp_path / "q" / "results.md").read_text()
   assert "optimizer state not donated; every update starts after the whole backward pass" in header
 

@@ -87,6 +87,9 @@ def test_the_initialization_step_computes_in_float32_under_bfloat16(monkeypatch)
   reference = _initialized(None)
   low = _initialized(kl_optax.Layout(compute_dtype=jnp.bfloat16))
   assert _largest_relative_gap(reference, low) <= 1e-5
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(low)):   # the counters
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Without the float32 settings around the initialization the same check fails.
   monkeypatch.setattr(transform, "_float32_products", lambda fn, *args: fn(*args))
   rounded = _initialized(kl_optax.Layout(compute_dtype=jnp.bfloat16))
@@ -197,3 +200,22 @@ def test_factors_whose_eigenvalues_are_read_stay_float32_under_bfloat16_storage(
     group = group[0].groups[0]
     assert {f.dtype for f in group.factors} == {jnp.dtype(factor_dtype)}, name
     assert {b.dtype for b in group.bases} == {jnp.dtype(jnp.bfloat16)}, name
+
+
+def test_the_initialization_step_starts_from_the_stored_initial_state():
+  # The initialization step rebuilds the initial state instead of reading it
+  # (so that a donated state is updated in place); in bfloat16 storage it must
+  # see the values init stored, rounded to bfloat16, not the exact ones.
+  def first_update(step):
+    return step._replace(state=step.state.with_slots(seen=step.state.slots["start"] * 1.0))
+
+  part = kl_optax.Part(
+      update=lambda step: step, first_update=first_update, name="reads its start",
+      init_slots=lambda shape: {"start": jnp.full((), 0.1), "seen": jnp.zeros(())},
+      float32_slots=("seen",))
+  tx = kl_optax.kron_transform(part, state_dtype=jnp.bfloat16)
+  params = {"w": jnp.ones((4, 3))}
+  _, state = jax.jit(tx.update)(params, tx.init(params))
+  slots = state.groups[0].slots
+  assert slots["start"].dtype == jnp.bfloat16 and slots["seen"].dtype == jnp.float32
+  assert float(slots["seen"][0]) == float(jnp.bfloat16(0.1)) != 0.1
