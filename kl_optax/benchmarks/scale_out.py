@@ -2,7 +2,8 @@
 
     python -m kl_optax.benchmarks.scale_out --out runs/scale_out
 
-(5 min 48 s on a 2-core x86_64 CPU, run alone). Three measurements, each against ``optax.adamw`` in the same process:
+5 min 48 s on a 2-core x86_64 CPU, run alone. Three measurements, each against
+``optax.adamw`` in the same process:
 
 1. **Compile time** of the jitted train step (forward, backward, optimizer
    update) and of the optimizer update alone, for the character GPT at two
